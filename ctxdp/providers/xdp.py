@@ -1,0 +1,1060 @@
+"""The XDP offload provider: loads bpf/ct_offload.c with bcc and feeds its maps.
+
+Contract (see ``ctxdp.providers.base`` for the hook semantics):
+
+- ``XdpProvider(ports, mode=, max_conns=, pin_dir=, keep=, on_start=)`` does
+  nothing in the kernel until ``start()`` (raises ``ProviderError``) or
+  ``init()`` (same, but returns the errno). ``start()`` compiles and loads the
+  program ONCE, adopts or flushes what an earlier run left pinned in
+  ``pin_dir``, attaches the one program to every port and fills ``ct_tx_ports``
+  with every port's ifindex. If any step fails, everything this start did is
+  undone (ports detached, pins it created removed) and ``ProviderError`` is
+  raised.
+- Modes: ``"native"`` (driver mode; failure is fatal), ``"generic"`` (skb
+  mode, forced), ``"auto"`` (native, else generic with a logged warning).
+  ``attached`` maps port name -> mode actually used.
+- Slots: every held connection owns one slot in ``[0, max_conns)``, shared by
+  its two direction entries (``val.slot``) and indexing ``ct_last_used``.
+  The key -> owner index guarantees that no two connections own one key.
+- ``conn_add``: EAGAIN unless both directions are resolved; EEXIST if another
+  connection owns one of its keys; ENOSPC when no slot is free or the kernel
+  says the map is full (counted; a half-written pair is rolled back). Both
+  entries go to the kernel in ONE BPF_MAP_UPDATE_BATCH (two single updates on
+  kernels without it). Re-adding a held connection rewrites it in place
+  (same slot, last-used kept). On any failure the connection is NOT held and
+  no entry of it is left in the map.
+- ``batch_submit``: ops run in order; each run of consecutive ADDs is one
+  update-batch syscall, each run of DELs one delete-batch syscall; UPD reads
+  the mmap; EST is a no-op; POLICY rewrites; FLUSH flushes.
+- Aging: ``conn_update`` / ``conn_update_many`` / UPD read ``ct_last_used``
+  through a shared mmap (no syscall), ns of CLOCK_MONOTONIC -> seconds, the
+  clock of ``time.monotonic()``; None if the fast path never hit the flow.
+  A connection this provider does not hold raises ``ProviderError(ENOENT)``
+  (UPD: ``op.err = ENOENT``).
+- Lifecycle: ``close()`` detaches every port and removes ``pin_dir`` unless
+  ``keep=True``: then the program stays attached (XDP attachments made over
+  netlink outlive the process) and the maps stay pinned, so traffic keeps
+  flowing across a daemon restart. The next start with ``on_start="adopt"``
+  reuses the pinned maps, atomically replaces the attached program and
+  rebuilds the slot allocator and key index from ``ct_flows``; adopted
+  entries are *orphans* until a ``conn_add`` with the same keys claims them
+  (slot and last-used kept). ``reap_orphans()`` deletes the unclaimed ones.
+  ``on_start="flush"`` starts from empty maps instead. Pinned maps whose
+  layout or size does not match this build are never adopted (warning, fresh
+  maps).
+- Kernel errors never escape as stray exceptions: hooks return errnos, and
+  the other methods raise ``ProviderError``.
+- Deployment note: a veth that receives redirected frames needs an XDP
+  program on its peer or GRO enabled, else the kernel drops them silently.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctxdp import bpfsys
+from ctxdp.providers import xdp_layout as L
+from ctxdp.providers.base import Batch, OffloadCtx, Op, OpKind, Provider, ProviderError
+
+__all__ = ["BPF_DIR", "FlowRow", "XdpProvider"]
+
+log = logging.getLogger(__name__)
+
+#: Where bpf/ct_offload.c lives (the repository's bpf/ directory); override
+#: with the CTXDP_BPF_DIR environment variable or the ``src`` argument.
+BPF_DIR = Path(os.environ.get("CTXDP_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
+
+_PRIV = "xdp"
+_KS, _VS = L.KEY_SIZE, L.VAL_SIZE
+# Flags of bpf_attach_xdp (include/uapi/linux/if_link.h XDP_FLAGS_*).
+_XDP_FLAGS_SKB_MODE = 1 << 1
+_XDP_FLAGS_DRV_MODE = 1 << 2
+_MODE_FLAGS = {"native": _XDP_FLAGS_DRV_MODE, "generic": _XDP_FLAGS_SKB_MODE}
+_BPF_FS_MAGIC = "bpf"
+
+# Field positions inside a packed ct_flow_val seen as u32 / u64 arrays (used
+# to pull one field out of a whole lookup-batch buffer with a strided slice).
+_V32 = _VS // 4
+_V64 = _VS // 8
+_FLAGS_I = L.VAL_OFF["flags"] // 4
+_SLOT_I = L.VAL_OFF["slot"] // 4
+_PKTS_Q = L.VAL_OFF["packets"] // 8
+_BYTES_Q = L.VAL_OFF["bytes"] // 8
+_LAST_Q = L.VAL_OFF["last_used"] // 8
+
+
+class _Held:
+    """One connection's footprint in the map: its slot, the two keys written,
+    and its ctx (None for an orphan adopted from a previous run)."""
+
+    __slots__ = ("slot", "keys", "ctx")
+
+    def __init__(self, slot: int, keys: tuple[bytes, ...], ctx: OffloadCtx | None) -> None:
+        self.slot = slot
+        self.keys = keys
+        self.ctx = ctx
+
+
+@dataclass(slots=True, frozen=True)
+class FlowRow:
+    """One ct_flows entry as ``flows()`` reports it (``dir``: 0 orig, 1 reply,
+    -1 orphan)."""
+
+    ifindex: int
+    match: Any  # FlowTuple
+    val: L.FlowVal
+    ctx: OffloadCtx | None
+    dir: int
+
+
+def _errno_of(exc: BaseException) -> int:
+    return getattr(exc, "errno", None) or errno.EIO
+
+
+def _bpffs_mount_of(path: str) -> str | None:
+    """The fstype of the mount holding ``path`` (longest mount-point prefix)."""
+    best, fstype = "", None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, fstype = mnt, parts[2]
+    except OSError:
+        return None
+    return fstype
+
+
+class XdpProvider(Provider):
+    """bcc-backed XDP fast path; see the module contract."""
+
+    name = "xdp"
+
+    def __init__(
+        self,
+        ports: Iterable[str | int],
+        *,
+        mode: str = "auto",
+        max_conns: int = 65536,
+        pin_dir: str = "/sys/fs/bpf/ctxdp",
+        keep: bool = False,
+        on_start: str = "adopt",
+        src: str | os.PathLike[str] | None = None,
+        cflags: Iterable[str] = (),
+    ) -> None:
+        if mode not in ("auto", "native", "generic"):
+            raise ValueError(f"mode must be auto, native or generic, not {mode!r}")
+        if on_start not in ("adopt", "flush"):
+            raise ValueError(f"on_start must be adopt or flush, not {on_start!r}")
+        if max_conns < 1:
+            raise ValueError("max_conns must be positive")
+        self.ports = list(ports)
+        self.mode = mode
+        self.max_conns = max_conns
+        self.pin_dir = os.path.abspath(pin_dir)
+        self.keep = keep
+        self.on_start = on_start
+        self.src = Path(src) if src is not None else BPF_DIR / "ct_offload.c"
+        self.cflags = list(cflags)
+        self.attached: dict[str, str] = {}  # port name -> "native" / "generic"
+        self.ifindexes: dict[str, int] = {}
+        self.init_error: ProviderError | None = None
+        self._bpf: Any = None
+        self._fn: Any = None
+        self._flows_fd = -1
+        self._stats_fd = -1
+        self._tx_fd = -1
+        self._lu_mmap: Any = None
+        self._lu: memoryview | None = None  # ct_last_used as u64[max_conns]
+        self._owner: dict[bytes, _Held] = {}
+        self._by_slot: list[_Held | None] = []
+        self._free = array.array("I")
+        self._n_held = 0
+        self._n_orphans = 0
+        self._kbuf = bytearray(_KS * 2)
+        self._vbuf = bytearray(_VS * 2)
+        self._has_batch = True
+        self._pins_before: set[str] = set()
+        self._c = dict.fromkeys(
+            (
+                "adds",
+                "add_errors",
+                "rewrites",
+                "dels",
+                "del_unknown",
+                "policies",
+                "enospc",
+                "eexist",
+                "eagain",
+                "rollbacks",
+                "adopted",
+                "claimed",
+                "orphans_reaped",
+                "flushes",
+                "teardowns_flagged",
+            ),
+            0,
+        )
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def init(self) -> int:
+        """``start()`` for the offload manager: 0 or the errno (logged)."""
+        try:
+            self.start()
+        except ProviderError as exc:
+            self.init_error = exc
+            log.error("xdp provider: %s", exc)
+            return exc.errno or errno.EIO
+        return 0
+
+    @property
+    def started(self) -> bool:
+        return self._bpf is not None
+
+    def start(self) -> None:
+        """Load, adopt/flush, attach; undo everything on failure (see contract)."""
+        if self._bpf is not None:
+            return
+        try:
+            self._check_bpffs()
+            self._prepare_pins()
+            self._load()
+            self._open_maps()
+            if self.on_start == "adopt":
+                self._adopt()
+            else:
+                self._flush_map()
+            self._attach_all()
+            self._fill_tx_ports()
+        except ProviderError:
+            self._undo_start()
+            raise
+        except Exception as exc:  # bcc raises bare Exception; make it ours
+            self._undo_start()
+            raise ProviderError(_errno_of(exc), f"xdp start failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Detach and unpin (unless ``keep``); release fds. Idempotent."""
+        if self._bpf is None:
+            return
+        if not self.keep:
+            self._detach_all()
+        self._release()
+        if not self.keep:
+            self._unpin(only_new=False)
+
+    def _undo_start(self) -> None:
+        self._detach_all()
+        self._release()
+        self._unpin(only_new=True)
+
+    def _check_bpffs(self) -> None:
+        # Pinning needs a bpf filesystem; scripts/setup.sh mounts it, and
+        # mounting is a host decision the provider must not make on its own.
+        if _bpffs_mount_of(self.pin_dir) != _BPF_FS_MAGIC:
+            raise ProviderError(
+                errno.ENOENT,
+                f"{self.pin_dir} is not on a bpf filesystem: run "
+                "`mount -t bpf bpf /sys/fs/bpf` (scripts/setup.sh does this)",
+            )
+        try:
+            os.makedirs(self.pin_dir, exist_ok=True)
+        except OSError as exc:
+            raise ProviderError(
+                exc.errno or errno.EIO, f"cannot create {self.pin_dir}: {exc}"
+            ) from exc
+
+    def _pinned(self) -> set[str]:
+        try:
+            return set(os.listdir(self.pin_dir))
+        except OSError:
+            return set()
+
+    def _expected_maps(self) -> dict[str, tuple[int, int, int, int]]:
+        """name -> (map type, key size, value size, max_entries) this build needs."""
+        t = bpfsys.MAP_TYPE
+        return {
+            "ct_flows": (t["hash"], L.KEY_SIZE, L.VAL_SIZE, 2 * self.max_conns),
+            "ct_last_used": (t["array"], 4, 8, self.max_conns),
+            "ct_stats": (t["percpu_array"], 4, 8, len(L.CT_STAT_NAMES)),
+            "ct_tx_ports": (t["devmap_hash"], 4, 4, L.CT_MAX_PORTS),
+        }
+
+    def _prepare_pins(self) -> None:
+        """Make ``pin_dir`` hold exactly what bcc should adopt, then pin ct_tx_ports.
+
+        bcc adopts whatever is pinned at a BPF_TABLE_PINNED path without
+        checking its type or sizes, so a map pinned by a build with another
+        CT_MAX_CONNS or layout would silently be used with the wrong bounds:
+        such pins are dropped (all of them: the maps only make sense
+        together). ``flush`` drops every pin, so bcc creates fresh maps; an
+        earlier program still attached keeps its own maps until replaced.
+        bcc 0.26 cannot declare a DEVMAP_HASH, so ct_tx_ports is created
+        here with bpf(2) and pinned for the program to adopt (ct_offload.c).
+        """
+        names = self._pinned()
+        stale = self.on_start == "flush" and bool(names)
+        if not stale:
+            for name, want in self._expected_maps().items():
+                if name not in names:
+                    continue
+                try:
+                    fd = bpfsys.obj_get(os.path.join(self.pin_dir, name))
+                    try:
+                        info = bpfsys.map_info(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    log.warning("xdp: pinned %s unreadable (%s): not adopting", name, exc)
+                    stale = True
+                    continue
+                have = (info.type, info.key_size, info.value_size, info.max_entries)
+                if have != want:
+                    log.warning(
+                        "xdp: pinned %s is (type, key, value, max) %s, this build needs %s: "
+                        "starting from fresh maps",
+                        name,
+                        have,
+                        want,
+                    )
+                    stale = True
+        if stale:
+            for n in names:
+                try:
+                    os.unlink(os.path.join(self.pin_dir, n))
+                except OSError:
+                    pass
+        self._pins_before = self._pinned()
+        if "ct_tx_ports" not in self._pins_before:
+            _t, ks, vs, n = self._expected_maps()["ct_tx_ports"]
+            try:
+                fd = bpfsys.map_create("devmap_hash", ks, vs, n, name="ct_tx_ports")
+                try:
+                    bpfsys.obj_pin(fd, os.path.join(self.pin_dir, "ct_tx_ports"))
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise ProviderError(_errno_of(exc), f"creating ct_tx_ports: {exc}") from exc
+
+    def _unpin(self, *, only_new: bool) -> None:
+        for n in self._pinned():
+            if only_new and n in self._pins_before:
+                continue
+            try:
+                os.unlink(os.path.join(self.pin_dir, n))
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.pin_dir)
+        except OSError:
+            pass  # not empty (kept pins) or already gone
+
+    def _load(self) -> None:
+        try:
+            from bcc import BPF  # noqa: PLC0415 - bcc is only needed once started
+        except ImportError as exc:
+            raise ProviderError(errno.ENOSYS, f"bcc is not importable: {exc}") from exc
+        cflags = [
+            f"-DCT_MAX_CONNS={self.max_conns}",
+            f'-DCT_PIN_DIR="{self.pin_dir}"',
+            f"-I{self.src.parent}",
+            *self.cflags,
+        ]
+        try:
+            self._bpf = BPF(src_file=os.fsencode(self.src), cflags=cflags)
+            self._fn = self._bpf.load_func(b"ct_offload_xdp", BPF.XDP)
+        except Exception as exc:
+            raise ProviderError(errno.EINVAL, f"loading {self.src} failed: {exc}") from exc
+
+    def _open_maps(self) -> None:
+        b = self._bpf
+        self._flows_fd = b[b"ct_flows"].map_fd
+        self._stats_fd = b[b"ct_stats"].map_fd
+        self._tx_fd = b[b"ct_tx_ports"].map_fd
+        lu_fd = b[b"ct_last_used"].map_fd
+        info = bpfsys.map_info(lu_fd)
+        if info.max_entries != self.max_conns or not info.flags & bpfsys.BPF_F_MMAPABLE:
+            raise ProviderError(
+                errno.EINVAL, f"ct_last_used is not what this build expects: {info}"
+            )
+        # The mmap shares the array's pages with the program: reading a
+        # stamp is a memory load, which is what makes aging 1M flows cheap.
+        self._lu_mmap = bpfsys.mmap_array(lu_fd, 8, self.max_conns)
+        self._lu = memoryview(self._lu_mmap).cast("Q")
+        self._by_slot = [None] * self.max_conns
+        self._free = array.array("I", range(self.max_conns - 1, -1, -1))
+
+    def _release(self) -> None:
+        if self._lu is not None:
+            self._lu.release()
+            self._lu = None
+        if self._lu_mmap is not None:
+            self._lu_mmap.close()
+            self._lu_mmap = None
+        if self._bpf is not None:
+            try:
+                self._bpf.cleanup()
+            except Exception as exc:  # closing fds must not hide the real error
+                log.warning("xdp: bcc cleanup: %s", exc)
+        self._bpf = self._fn = None
+        self._flows_fd = self._stats_fd = self._tx_fd = -1
+        for h in self._owner.values():
+            if h.ctx is not None:
+                h.ctx.priv.pop(_PRIV, None)
+        self._owner.clear()
+        self._by_slot = []
+        self._free = array.array("I")
+        self._n_held = self._n_orphans = 0
+
+    # --- attaching -----------------------------------------------------------
+
+    def _port(self, p: str | int) -> tuple[str, int]:
+        try:
+            if isinstance(p, int):
+                return socket.if_indextoname(p), p
+            return p, socket.if_nametoindex(p)
+        except OSError as exc:
+            raise ProviderError(errno.ENODEV, f"no such port {p!r}") from exc
+
+    def _xdp_set(self, name: str, fd: int, flags: int) -> int:
+        """bpf_attach_xdp over netlink; returns 0 or errno (never raises)."""
+        from bcc.libbcc import lib  # noqa: PLC0415
+
+        ctypes.set_errno(0)
+        res = lib.bpf_attach_xdp(name.encode(), fd, flags)
+        if res < 0:
+            return ctypes.get_errno() or errno.EIO
+        return 0
+
+    def _attach_one(self, name: str, mode: str) -> int:
+        flags = _MODE_FLAGS[mode]
+        err = self._xdp_set(name, self._fn.fd, flags)
+        if err == errno.EEXIST:
+            # A program left attached in the OTHER mode by an earlier run
+            # (keep=True): native and generic cannot coexist, so drop it.
+            other = _MODE_FLAGS["generic" if mode == "native" else "native"]
+            self._xdp_set(name, -1, other)
+            err = self._xdp_set(name, self._fn.fd, flags)
+        return err
+
+    def _attach_all(self) -> None:
+        for p in self.ports:
+            name, ifindex = self._port(p)
+            modes = ["native", "generic"] if self.mode == "auto" else [self.mode]
+            err = 0
+            for m in modes:
+                err = self._attach_one(name, m)
+                if not err:
+                    if m == "generic" and self.mode == "auto":
+                        log.warning("xdp: native attach to %s refused, using generic mode", name)
+                    self.attached[name] = m
+                    self.ifindexes[name] = ifindex
+                    break
+                last = m
+            else:
+                raise ProviderError(
+                    err, f"attaching XDP ({last}) to {name} failed: {os.strerror(err)}"
+                )
+
+    def _detach_all(self) -> None:
+        for name, m in list(self.attached.items()):
+            err = self._xdp_set(name, -1, _MODE_FLAGS[m])
+            if err and err != errno.ENODEV:
+                log.warning("xdp: detaching from %s: %s", name, os.strerror(err))
+            del self.attached[name]
+
+    def _fill_tx_ports(self) -> None:
+        # ct_tx_ports is the devmap the program redirects through, keyed by
+        # egress ifindex: only ports listed here can be redirected to. A
+        # pinned map may still list ports of an earlier run: drop those.
+        want = {struct.pack("=I", i) for i in self.ifindexes.values()}
+        try:
+            k = bpfsys.map_get_next_key(self._tx_fd, None, 4)
+            while k is not None:
+                nxt = bpfsys.map_get_next_key(self._tx_fd, k, 4)
+                if k not in want:
+                    bpfsys.map_delete(self._tx_fd, k)
+                k = nxt
+            for k in want:
+                bpfsys.map_update(self._tx_fd, k, k)
+        except OSError as exc:
+            raise ProviderError(_errno_of(exc), f"filling ct_tx_ports: {exc}") from exc
+
+    # --- adopt / flush ---------------------------------------------------------
+
+    def _scan(self):
+        """Yield (keys, vals, n) chunks of the whole ct_flows map."""
+        return bpfsys.map_lookup_batch(self._flows_fd, _KS, _VS, chunk=8192)
+
+    def _adopt(self) -> None:
+        """Rebuild the slot allocator and key index from what is pinned."""
+        by_slot: dict[int, list[bytes]] = {}
+        bad: list[bytes] = []
+        for keys, vals, n in self._scan():
+            slots = memoryview(vals)[: n * _VS].cast("I")[_SLOT_I::_V32].tolist()
+            for i, s in enumerate(slots):
+                k = bytes(keys[i * _KS : (i + 1) * _KS])
+                if s >= self.max_conns:
+                    bad.append(k)
+                else:
+                    by_slot.setdefault(s, []).append(k)
+        used: set[int] = set()
+        for s, ks in by_slot.items():
+            if len(ks) > 2:  # never written by us: not a connection's pair
+                bad.extend(ks)
+                continue
+            h = _Held(s, tuple(ks), None)
+            for k in ks:
+                self._owner[k] = h
+            self._by_slot[s] = h
+            used.add(s)
+        self._n_orphans = len(used)
+        if bad:
+            self._delete_keys(bad)
+        self._free = array.array(
+            "I", (s for s in range(self.max_conns - 1, -1, -1) if s not in used)
+        )
+        self._c["adopted"] += self._n_orphans
+        if self._n_orphans:
+            log.info("xdp: adopted %d offloaded connections from %s", self._n_orphans, self.pin_dir)
+
+    def _flush_map(self) -> int:
+        """Delete every entry of ct_flows; returns how many."""
+        keys: list[bytes] = []
+        for kb, _v, n in self._scan():
+            keys.extend(bytes(kb[i * _KS : (i + 1) * _KS]) for i in range(n))
+        return self._delete_keys(keys)
+
+    def _delete_keys(self, keys: list[bytes]) -> int:
+        if not keys:
+            return 0
+        buf = b"".join(keys)
+        try:
+            return bpfsys.map_delete_batch(
+                self._flows_fd, buf, len(keys), key_size=_KS, ignore_missing=True
+            )
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or self._has_batch is False:
+                raise
+        n = 0  # kernel without BPF_MAP_DELETE_BATCH
+        for k in keys:
+            n += bpfsys.map_delete(self._flows_fd, k)
+        return n
+
+    def reap_orphans(self) -> int:
+        """Delete adopted entries no conn_add claimed; returns connections reaped."""
+        orphans = [h for h in self._owner.values() if h.ctx is None]
+        seen: set[int] = set()
+        keys: list[bytes] = []
+        for h in orphans:
+            if id(h) in seen:
+                continue
+            seen.add(id(h))
+            keys.extend(h.keys)
+        try:
+            self._delete_keys(keys)
+        except OSError as exc:
+            raise ProviderError(_errno_of(exc), f"reaping orphans: {exc}") from exc
+        for h in {id(h): h for h in orphans}.values():
+            self._forget(h)
+        self._c["orphans_reaped"] += len(seen)
+        return len(seen)
+
+    # --- slot / index bookkeeping ----------------------------------------------------
+
+    def _forget(self, h: _Held) -> None:
+        for k in h.keys:
+            if self._owner.get(k) is h:
+                del self._owner[k]
+        if self._by_slot and self._by_slot[h.slot] is h:
+            self._by_slot[h.slot] = None
+            self._free.append(h.slot)
+        if h.ctx is None:
+            self._n_orphans -= 1
+        else:
+            self._n_held -= 1
+            h.ctx.priv.pop(_PRIV, None)
+
+    def _plan(self, ctx: OffloadCtx, pending: dict[bytes, Any]) -> tuple[int, Any]:
+        """Decide an ADD: (0, (held_or_None, slot, k0, k1, claimed)) or (errno, None).
+
+        ``pending`` holds keys earlier ADDs of the same batch will write.
+        """
+        d0, d1 = ctx.dirs
+        if d0 is None or d1 is None or not d0.resolved or not d1.resolved:
+            self._c["eagain"] += 1
+            return errno.EAGAIN, None
+        k0 = L.pack_key(d0.in_ifindex, d0.match)
+        k1 = L.pack_key(d1.in_ifindex, d1.match)
+        if k0 == k1:
+            return errno.EINVAL, None
+        held = ctx.priv.get(_PRIV)
+        claimed = None
+        for k in (k0, k1):
+            o = self._owner.get(k)
+            if o is not None and o is not held:
+                if o.ctx is None:
+                    claimed = o if claimed is None or claimed is o else False
+                else:
+                    self._c["eexist"] += 1
+                    return errno.EEXIST, None
+            p = pending.get(k)
+            if p is not None and p is not ctx:
+                self._c["eexist"] += 1
+                return errno.EEXIST, None
+        if claimed is False:  # keys of two different orphans: reap both, new slot
+            claimed = None
+            for k in (k0, k1):
+                o = self._owner.get(k)
+                if o is not None and o.ctx is None:
+                    self._delete_keys(list(o.keys))
+                    self._forget(o)
+        if held is not None:
+            slot = held.slot
+        elif claimed is not None:
+            slot = claimed.slot
+        elif self._free:
+            slot = self._free.pop()
+            self._lu[slot] = 0  # a fresh connection has never been seen
+        else:
+            self._c["enospc"] += 1
+            return errno.ENOSPC, None
+        pending[k0] = ctx
+        pending[k1] = ctx
+        return 0, (held, slot, k0, k1, claimed)
+
+    def _commit(self, ctx: OffloadCtx, plan: Any) -> None:
+        """Record a planned ADD whose two entries are now in the map."""
+        held, slot, k0, k1, claimed = plan
+        if held is not None:
+            stale = [k for k in held.keys if k not in (k0, k1)]
+            if stale:
+                self._delete_keys(stale)
+            for k in held.keys:
+                if self._owner.get(k) is held:
+                    del self._owner[k]
+            held.keys = (k0, k1)
+            self._owner[k0] = self._owner[k1] = held
+            self._c["rewrites"] += 1
+            return
+        if claimed is not None:
+            # An orphan of the previous run becomes this connection: same
+            # slot (its last-used stamp stays valid), keys rewritten.
+            stale = [k for k in claimed.keys if k not in (k0, k1)]
+            if stale:
+                self._delete_keys(stale)
+            for k in claimed.keys:
+                if self._owner.get(k) is claimed:
+                    del self._owner[k]
+            self._n_orphans -= 1
+            self._c["claimed"] += 1
+        h = _Held(slot, (k0, k1), ctx)
+        self._owner[k0] = self._owner[k1] = h
+        self._by_slot[slot] = h
+        ctx.priv[_PRIV] = h
+        self._n_held += 1
+        self._c["adds"] += 1
+
+    def _abort(self, ctx: OffloadCtx, plan: Any, wrote_first: bool) -> None:
+        """Undo a planned ADD that failed: no entry of ``ctx`` may stay."""
+        held, slot, k0, k1, claimed = plan
+        if wrote_first or held is not None or claimed is not None:
+            # Entry 0 may be new, or an old entry now half rewritten: remove
+            # the connection's entries entirely rather than leave a mix.
+            keys = {k0, k1}
+            if held is not None:
+                keys.update(held.keys)
+            if claimed is not None:
+                keys.update(claimed.keys)
+            try:
+                self._delete_keys(sorted(keys))
+            except OSError as exc:
+                log.error("xdp: rollback of a half-written connection failed: %s", exc)
+            self._c["rollbacks"] += wrote_first
+            if held is not None:
+                self._forget(held)
+            elif claimed is not None:
+                self._forget(claimed)
+            else:
+                self._free.append(slot)
+        else:
+            self._free.append(slot)
+
+    # --- the hooks ---------------------------------------------------------------------
+
+    def _not_started(self) -> int:
+        return errno.ENODEV
+
+    def conn_add(self, ctx: OffloadCtx) -> int:
+        if self._bpf is None:
+            return self._not_started()
+        op = Op(OpKind.ADD, ctx)
+        self._add_run([op])
+        return op.err
+
+    def conn_policy(self, ctx: OffloadCtx) -> int:
+        """Rewrite both entries from ``ctx.dirs`` (MAC or route changed)."""
+        if self._bpf is None:
+            return self._not_started()
+        if ctx.priv.get(_PRIV) is None:
+            return errno.ENOENT
+        self._c["policies"] += 1
+        op = Op(OpKind.ADD, ctx)
+        self._add_run([op])
+        return op.err
+
+    def conn_del(self, ctx: OffloadCtx) -> int:
+        if self._bpf is None:
+            return self._not_started()
+        op = Op(OpKind.DEL, ctx)
+        self._del_run([op])
+        return op.err
+
+    def conn_established(self, ctx: OffloadCtx) -> int:
+        return 0
+
+    def conn_update(self, ctx: OffloadCtx) -> float | None:
+        h = ctx.priv.get(_PRIV)
+        if h is None or self._lu is None:
+            raise ProviderError(errno.ENOENT, "connection not offloaded to xdp")
+        ns = self._lu[h.slot]
+        return ns / 1e9 if ns else None
+
+    def conn_update_many(self, ctxs: Iterable[OffloadCtx]) -> list[float | None]:
+        lu = self._lu
+        if lu is None:
+            raise ProviderError(errno.ENODEV, "xdp provider not started")
+        try:
+            ns = [lu[c.priv[_PRIV].slot] for c in ctxs]
+        except KeyError:
+            raise ProviderError(errno.ENOENT, "connection not offloaded to xdp") from None
+        return [v / 1e9 if v else None for v in ns]
+
+    def flush(self) -> int:
+        """Delete every entry this provider installed (and adopted)."""
+        if self._bpf is None:
+            return self._not_started()
+        try:
+            self._flush_map()
+        except OSError as exc:
+            return _errno_of(exc)
+        for h in list({id(h): h for h in self._owner.values()}.values()):
+            self._forget(h)
+        self._c["flushes"] += 1
+        return 0
+
+    def batch_submit(self, batch: Batch) -> None:
+        """Run ``batch`` in order; consecutive ADDs / DELs share one syscall."""
+        ops = batch.ops
+        i, n = 0, len(ops)
+        while i < n:
+            kind = ops[i].kind
+            j = i + 1
+            while j < n and ops[j].kind is kind:
+                j += 1
+            run = ops[i:j]
+            if self._bpf is None:
+                for op in run:
+                    op.err = self._not_started()
+            elif kind is OpKind.ADD:
+                self._add_run(run)
+            elif kind is OpKind.DEL:
+                self._del_run(run)
+            elif kind is OpKind.UPD:
+                self._upd_run(run)
+            elif kind is OpKind.POLICY:
+                for op in run:
+                    op.err = self.conn_policy(op.ctx)  # type: ignore[arg-type]
+            elif kind is OpKind.EST:
+                for op in run:
+                    op.err = 0
+            elif kind is OpKind.FLUSH:
+                for op in run:
+                    op.err = self.flush()
+            else:  # pragma: no cover - OpKind is closed
+                for op in run:
+                    op.err = errno.EOPNOTSUPP
+            i = j
+
+    def _upd_run(self, run: list[Op]) -> None:
+        lu = self._lu
+        for op in run:
+            h = op.ctx.priv.get(_PRIV)  # type: ignore[union-attr]
+            if h is None:
+                op.err = errno.ENOENT
+                op.result = None
+            else:
+                v = lu[h.slot]  # type: ignore[index]
+                op.err = 0
+                op.result = v / 1e9 if v else None
+
+    def _add_run(self, run: list[Op]) -> None:
+        """Plan every ADD, pack the survivors into one buffer, one syscall."""
+        pending: dict[bytes, Any] = {}
+        planned: list[tuple[Op, Any]] = []
+        first: dict[int, Op] = {}  # id(ctx) -> its first ADD in this run
+        dups: list[tuple[Op, Op]] = []
+        for op in run:
+            f = first.get(id(op.ctx))
+            if f is not None:  # the same connection twice: one write serves both
+                dups.append((op, f))
+                continue
+            first[id(op.ctx)] = op
+            try:
+                err, plan = self._plan(op.ctx, pending)  # type: ignore[arg-type]
+            except OSError as exc:
+                err, plan = _errno_of(exc), None
+            op.err = err
+            if plan is not None:
+                planned.append((op, plan))
+        if planned:
+            self._write_planned(planned)
+        for op, f in dups:
+            op.err = f.err
+
+    def _write_planned(self, planned: list[tuple[Op, Any]]) -> None:
+        m = len(planned)
+        need = 2 * m
+        if len(self._kbuf) < need * _KS:
+            self._kbuf = bytearray(need * _KS)
+            self._vbuf = bytearray(need * _VS)
+        kbuf, vbuf = self._kbuf, self._vbuf
+        pack = L.pack_flowdir_into
+        for idx, (op, plan) in enumerate(planned):
+            slot = plan[1]
+            d0, d1 = op.ctx.dirs  # type: ignore[union-attr]
+            e = 2 * idx
+            pack(kbuf, e * _KS, vbuf, e * _VS, d0, slot)
+            pack(kbuf, (e + 1) * _KS, vbuf, (e + 1) * _VS, d1, slot)
+        done = 0
+        while done < need:
+            try:
+                done += self._update(kbuf, vbuf, need - done, done)
+            except bpfsys.BatchError as exc:
+                done += exc.done
+                bad = done // 2
+                op, plan = planned[bad]
+                err = errno.ENOSPC if exc.errno in (errno.E2BIG, errno.ENOMEM) else exc.errno
+                self._abort(op.ctx, plan, wrote_first=bool(done % 2))  # type: ignore[arg-type]
+                op.err = err or errno.EIO
+                self._c["enospc" if err == errno.ENOSPC else "add_errors"] += 1
+                planned[bad] = (op, None)
+                # Resume after the failed connection: rewrites of existing
+                # keys still succeed in a full map, and nothing else is lost.
+                done = 2 * (bad + 1)
+            except OSError as exc:
+                for k in range(done // 2, m):
+                    op2, plan2 = planned[k]
+                    if plan2 is not None:
+                        self._abort(op2.ctx, plan2, wrote_first=False)  # type: ignore[arg-type]
+                        op2.err = _errno_of(exc)
+                        self._c["add_errors"] += 1
+                        planned[k] = (op2, None)
+                break
+        for op, plan in planned:
+            if plan is not None:
+                self._commit(op.ctx, plan)  # type: ignore[arg-type]
+
+    def _update(self, kbuf: bytearray, vbuf: bytearray, count: int, start: int) -> int:
+        """Write ``count`` entries from index ``start``; BatchError on a partial write."""
+        if self._has_batch:
+            try:
+                return bpfsys.map_update_batch(
+                    self._flows_fd, kbuf, vbuf, count, key_size=_KS, value_size=_VS, start=start
+                )
+            except bpfsys.BatchError as exc:
+                if exc.errno != errno.EINVAL or exc.done:
+                    raise
+                # EINVAL before any entry: a kernel without the batch
+                # command (pre-5.6); fall back to single updates for good.
+                self._has_batch = False
+                log.info("xdp: no BPF_MAP_UPDATE_BATCH, using single updates")
+        mk, mv = memoryview(kbuf), memoryview(vbuf)
+        for i in range(count):
+            e = start + i
+            try:
+                bpfsys.map_update(
+                    self._flows_fd, mk[e * _KS : (e + 1) * _KS], mv[e * _VS : (e + 1) * _VS]
+                )
+            except OSError as exc:
+                raise bpfsys.BatchError(exc.errno or errno.EIO, i, "MAP_UPDATE_ELEM") from None
+        return count
+
+    def _del_run(self, run: list[Op]) -> None:
+        keys: list[bytes] = []
+        hs: list[_Held] = []
+        for op in run:
+            h = op.ctx.priv.get(_PRIV)  # type: ignore[union-attr]
+            if h is None or h.ctx is not op.ctx:
+                op.err = errno.ENOENT
+                self._c["del_unknown"] += 1
+                continue
+            op.err = 0
+            keys.extend(h.keys)
+            hs.append(h)
+        if not hs:
+            return
+        try:
+            self._delete_keys(keys)
+        except OSError as exc:
+            # Which keys went is unknown: keep them all held so the manager
+            # retries the DEL (ENOENT for already-gone keys is skipped).
+            for op in run:
+                if op.err == 0:
+                    op.err = _errno_of(exc)
+            return
+        for h in hs:
+            self._forget(h)
+        self._c["dels"] += len(hs)
+
+    # --- read-back -------------------------------------------------------------------
+
+    def _scan_fields(self):
+        """Yield (keys, flags, slots, packets, bytes, n) per lookup-batch chunk."""
+        try:
+            for keys, vals, n in self._scan():
+                mv = memoryview(vals)[: n * _VS]
+                w = mv.cast("I")
+                q = mv.cast("Q")
+                yield (
+                    keys,
+                    w[_FLAGS_I::_V32].tolist(),
+                    w[_SLOT_I::_V32].tolist(),
+                    q[_PKTS_Q::_V64].tolist(),
+                    q[_BYTES_Q::_V64].tolist(),
+                    n,
+                )
+        except OSError as exc:
+            raise ProviderError(_errno_of(exc), f"reading ct_flows: {exc}") from exc
+
+    def teardown_flagged(self) -> list[OffloadCtx]:
+        """Held connections whose entry the program flagged CT_F_TEARDOWN
+        (it punted a FIN/RST). Flagged orphans are deleted here."""
+        if self._bpf is None:
+            return []
+        out: dict[int, OffloadCtx] = {}
+        orphans: list[_Held] = []
+        for keys, flags, slots, _p, _b, _n in self._scan_fields():
+            for i, f in enumerate(flags):
+                if not f & L.CT_F_TEARDOWN:
+                    continue
+                h = self._by_slot[slots[i]] if slots[i] < self.max_conns else None
+                k = bytes(keys[i * _KS : (i + 1) * _KS])
+                if h is None or self._owner.get(k) is not h:
+                    continue
+                if h.ctx is None:
+                    orphans.append(h)
+                else:
+                    out[id(h.ctx)] = h.ctx
+        for h in {id(h): h for h in orphans}.values():
+            try:
+                self._delete_keys(list(h.keys))
+            except OSError:
+                continue
+            self._forget(h)
+        self._c["teardowns_flagged"] += len(out)
+        return list(out.values())
+
+    def counters(self) -> list[tuple[OffloadCtx, tuple[int, int], tuple[int, int]]]:
+        """Per held connection: (ctx, (orig, reply) packets, (orig, reply) bytes)
+        forwarded by the fast path, from one lookup-batch walk of ct_flows."""
+        if self._bpf is None:
+            return []
+        acc: dict[int, list[Any]] = {}
+        for keys, _f, slots, pk, by, n in self._scan_fields():
+            for i in range(n):
+                s = slots[i]
+                h = self._by_slot[s] if s < self.max_conns else None
+                if h is None or h.ctx is None:
+                    continue
+                k = bytes(keys[i * _KS : (i + 1) * _KS])
+                d = 0 if k == h.keys[0] else 1 if k == h.keys[1] else -1
+                if d < 0:
+                    continue
+                row = acc.get(id(h))
+                if row is None:
+                    row = acc[id(h)] = [h.ctx, [0, 0], [0, 0]]
+                row[1][d] = pk[i]
+                row[2][d] = by[i]
+        return [(c, (p[0], p[1]), (b[0], b[1])) for c, p, b in acc.values()]
+
+    def flows(self) -> list[FlowRow]:
+        """Every ct_flows entry decoded (for ``ctxdp flows``)."""
+        if self._bpf is None:
+            return []
+        rows: list[FlowRow] = []
+        try:
+            for keys, vals, n in self._scan():
+                for i in range(n):
+                    k = bytes(keys[i * _KS : (i + 1) * _KS])
+                    ifindex, t = L.unpack_key(k)
+                    v = L.unpack_val(vals, i * _VS)
+                    h = self._owner.get(k)
+                    ctx = h.ctx if h is not None else None
+                    d = -1 if h is None or ctx is None else (0 if k == h.keys[0] else 1)
+                    rows.append(FlowRow(ifindex, t, v, ctx, d))
+        except OSError as exc:
+            raise ProviderError(_errno_of(exc), f"reading ct_flows: {exc}") from exc
+        return rows
+
+    def last_used_ns(self, ctx: OffloadCtx) -> int:
+        """Raw ct_last_used stamp (ns) of a held connection; 0 = never."""
+        h = ctx.priv.get(_PRIV)
+        if h is None or self._lu is None:
+            raise ProviderError(errno.ENOENT, "connection not offloaded to xdp")
+        return self._lu[h.slot]
+
+    def slot_of(self, ctx: OffloadCtx) -> int | None:
+        h = ctx.priv.get(_PRIV)
+        return None if h is None else h.slot
+
+    def stats(self) -> dict[str, int]:
+        """Program counters (summed over CPUs), provider counters, occupancy."""
+        out: dict[str, int] = {}
+        if self._bpf is not None:
+            ncpu = bpfsys.num_possible_cpus()
+            for i, name in enumerate(L.CT_STAT_NAMES):
+                try:
+                    raw = bpfsys.map_lookup(self._stats_fd, struct.pack("=I", i), 8 * ncpu)
+                except OSError:
+                    raw = None
+                out[name] = sum(struct.unpack(f"={ncpu}Q", raw)) if raw else 0
+        out.update(self._c)
+        out["conns"] = self._n_held
+        out["orphans"] = self._n_orphans
+        out["entries"] = 2 * (self._n_held + self._n_orphans)
+        out["capacity_conns"] = self.max_conns
+        out["free_slots"] = len(self._free)
+        out["ports_native"] = sum(1 for m in self.attached.values() if m == "native")
+        out["ports_generic"] = sum(1 for m in self.attached.values() if m == "generic")
+        return out
+
+    # --- introspection for tests/benchmarks ------------------------------------------
+
+    @property
+    def prog_fd(self) -> int:
+        """fd of the loaded XDP program (for BPF_PROG_RUN), -1 if not started."""
+        return self._fn.fd if self._fn is not None else -1
+
+    @property
+    def flows_fd(self) -> int:
+        return self._flows_fd
+
+    @property
+    def table(self) -> Any:
+        """The bcc BPF object (its tables give bcc's own view of the maps)."""
+        return self._bpf
