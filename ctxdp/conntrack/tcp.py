@@ -246,6 +246,7 @@ class TcpHandler(ProtoHandler):
         elif ack == 0 and flags & RST:
             ack = d_lo  # broken stacks send RST|ACK with ack 0
 
+        pend = end  # the segment's real end, before the easing below
         if seq == end:
             # No data: do not let a stale sequence number make it invalid.
             seq = end = s_lo
@@ -258,7 +259,7 @@ class TcpHandler(ProtoHandler):
             sbit = F_RELEARN1 if reply else F_RELEARN0
             if f & sbit:
                 c._f = f & ~sbit
-                s_lo = end
+                s_lo = pend
                 s_mw = win or 1
                 if flags & ACK:
                     d_hi = (ack + max(win << sws, 1)) & M32
