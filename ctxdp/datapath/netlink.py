@@ -382,53 +382,71 @@ class LocalAddrs:
 
     def __init__(self, nl: Netlink) -> None:
         self._nl = nl
-        self._addrs: dict[bytes, set[int]] = {}
+        # One record per kernel address: (ifindex, address, prefixlen) ->
+        # (address, broadcast addresses). IPv6 re-announces addresses with
+        # RTM_NEWADDR on every lifetime update, so records, not counters.
+        self._records: dict[tuple[int, bytes, int], tuple[bytes, tuple[bytes, ...]]] = {}
+        self._own: frozenset[bytes] = frozenset()
+        self._kernel: frozenset[bytes] = frozenset()
         nl.subscribe(RTM_NEWADDR, self._on_new)
         nl.subscribe(RTM_DELADDR, self._on_del)
         nl.on_resync(self.resync)
         self.resync()
 
     @staticmethod
-    def _keys(msg: Any) -> list[bytes]:
-        out = []
+    def _record(msg: Any) -> tuple[tuple[int, bytes, int], tuple[bytes, tuple[bytes, ...]]] | None:
         # IPv4: IFA_LOCAL is our address (IFA_ADDRESS is the peer on
         # point-to-point links); IPv6 only has IFA_ADDRESS.
         local = addr_from_str(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
-        if local:
-            out.append(local)
+        if local is None:
+            return None
+        plen = msg["prefixlen"]
+        bcasts = []
         bcast = addr_from_str(msg.get_attr("IFA_BROADCAST"))
         if bcast:
-            out.append(bcast)
-        return out
+            bcasts.append(bcast)
+        if len(local) == 4 and plen < 31:
+            # The kernel installs a broadcast route for the subnet's
+            # all-ones address whether or not IFA_BROADCAST was given
+            # (``ip addr add`` sets none unless told ``brd +``).
+            host_bits = (1 << (32 - plen)) - 1
+            bcasts.append((int.from_bytes(local, "big") | host_bits).to_bytes(4, "big"))
+        return (msg["index"], local, plen), (local, tuple(bcasts))
+
+    def _rebuild(self) -> None:
+        own = {local for local, _ in self._records.values()}
+        self._own = frozenset(own)
+        self._kernel = frozenset(own.union(*(b for _, b in self._records.values())))
 
     def resync(self) -> None:
-        fresh: dict[bytes, set[int]] = {}
+        records = {}
         for msg in self._nl.ipr.addr("dump"):
-            for key in self._keys(msg):
-                fresh.setdefault(key, set()).add(msg["index"])
-        self._addrs = fresh
+            rec = self._record(msg)
+            if rec is not None:
+                records[rec[0]] = rec[1]
+        self._records = records
+        self._rebuild()
 
     def _on_new(self, msg: Any) -> None:
-        for key in self._keys(msg):
-            self._addrs.setdefault(key, set()).add(msg["index"])
+        rec = self._record(msg)
+        if rec is not None and self._records.get(rec[0]) != rec[1]:
+            self._records[rec[0]] = rec[1]
+            self._rebuild()
 
     def _on_del(self, msg: Any) -> None:
-        for key in self._keys(msg):
-            owners = self._addrs.get(key)
-            if owners is None:
-                continue
-            owners.discard(msg["index"])
-            if not owners:
-                del self._addrs[key]
+        rec = self._record(msg)
+        if rec is not None and self._records.pop(rec[0], None) is not None:
+            self._rebuild()
 
     def contains(self, addr: bytes) -> bool:
-        return addr in self._addrs
+        """``addr`` is one of the namespace's own addresses."""
+        return addr in self._own
 
-    def addresses(self) -> set[bytes]:
-        return set(self._addrs)
+    def addresses(self) -> frozenset[bytes]:
+        return self._own
 
     def is_local_dst(self, addr: bytes) -> bool:
-        if addr in self._addrs:
+        if addr in self._kernel:
             return True
         if len(addr) == 4:
             first = addr[0]

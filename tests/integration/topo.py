@@ -54,6 +54,7 @@ __all__ = [
     "RouterTopology",
     "Topology",
     "leftover_namespaces",
+    "pump",
     "run",
     "topology_fixture",
 ]
@@ -75,6 +76,22 @@ def leftover_namespaces(names: list[str]) -> list[str]:
     """Which of ``names`` still exist in ``ip netns list``."""
     listed = {line.split()[0] for line in run("ip", "netns", "list").splitlines() if line.strip()}
     return [n for n in names if n in listed]
+
+
+def pump(source: Any, cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Feed ``source`` (anything with ``fileno()`` and ``handle_events()``,
+    e.g. a ``ctxdp.datapath.netlink.Netlink``) until ``cond()`` holds or
+    ``timeout`` passes; return ``cond()``. Runs in the child, like the daemon's
+    selector loop would.
+    """
+    deadline = time.monotonic() + timeout
+    while not cond():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return cond()
+        select.select([source.fileno()], [], [], min(left, 0.1))
+        source.handle_events()
+    return True
 
 
 def _setns(name: str) -> None:
