@@ -1,18 +1,25 @@
-"""Unit tests for ctxdp.offload: the offload manager against a minimal fake
-tracker (every event ordering can be driven directly) with the dummy provider.
-The same manager driven by the real tracker is in test_offload_ct.py."""
+"""Unit tests for ctxdp.offload with the dummy provider: first against a
+minimal fake tracker (so every event ordering can be driven directly), then
+(last section) against the real ``ctxdp.conntrack`` tracker fed with
+scapy-built packets, which is the integration that matters."""
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import threading
 import time
 
 import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
 
+from ctxdp.conntrack import CS, ConnTracker, CtConfig, NatAction
 from ctxdp.conntrack.flowtuple import FlowTuple
 from ctxdp.eligibility import EligibilityPolicy, Reason
 from ctxdp.offload import ConnOffload, OffloadManager, flow_dir
+from ctxdp.packet import parse
 from ctxdp.providers.base import Batch, Op, OpKind, Provider, ProviderError
 from ctxdp.providers.dummy import DummyProvider
 
@@ -1146,3 +1153,287 @@ def test_manual_batch_objects_and_op_types_are_the_base_ones():
     (op,) = b.ops
     assert isinstance(b, Batch) and isinstance(op, Op)
     assert op.kind is OpKind.ADD and op.err == 0
+
+
+# ---------------------------------------------------------------------------
+# the real tracker, driven by scapy-built packets
+# ---------------------------------------------------------------------------
+IP_A, IP_B, IP_NAT = "10.0.0.1", "10.0.1.2", "192.0.2.1"
+GAP = 50_000_000  # bytes the fast path carried while the conn was offloaded
+
+
+def ipaddress_packed(s: str) -> bytes:
+    return ipaddress.ip_address(s).packed
+
+
+def _frame(l3) -> bytearray:
+    return bytearray(bytes(Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:01") / l3))
+
+
+class Router:
+    """The slow path in miniature: conntrack, then set_forwarding for A(IF_A) <-> B(IF_B)."""
+
+    def __init__(self, *provs: Provider, policy=None, cfg=None, nat=None, resolved=True):
+        self.ct = ConnTracker(cfg or CtConfig())
+        self.p = provs[0] if provs else DummyProvider()
+        self.mgr = OffloadManager(self.ct, list(provs) or [self.p], policy)
+        self.nat = nat
+        self.mac_b = MAC_B if resolved else None
+
+    def slow(self, buf: bytearray, now: float, zone: int = 0):
+        res = self.ct.execute(parse(buf), zone, now, commit=True, nat=self.nat)
+        c = res.conn
+        if c is not None and not res.state & (CS.INV | CS.REL):
+            if res.reply:
+                fd = flow_dir(c, True, IF_B, IF_A, MAC_R0, MAC_A)
+                self.mgr.set_forwarding(c, True, fd, now, nexthop=A)
+            else:
+                fd = flow_dir(c, False, IF_A, IF_B, MAC_R1, self.mac_b)
+                self.mgr.set_forwarding(c, False, fd, now, nexthop=B)
+        return res
+
+
+class TcpFlow:
+    """Both peers of one TCP connection A:sport -> B:80, tracking sequence numbers."""
+
+    def __init__(self, r: Router, sport: int = 40000) -> None:
+        self.r, self.sport = r, sport
+        self.nxt = {"a": 1000, "b": 7_000_000}
+        self.conn = None
+
+    def seg(self, who: str, flags: str, n: int = 0) -> bytearray:
+        other = "b" if who == "a" else "a"
+        ack = self.nxt[other] if "A" in flags else 0
+        if who == "a":
+            l3 = IP(src=IP_A, dst=IP_B) / TCP(sport=self.sport, dport=80)
+        else:
+            l3 = IP(src=IP_B, dst=IP_A) / TCP(sport=80, dport=self.sport)
+        l3[TCP].flags, l3[TCP].seq, l3[TCP].ack, l3[TCP].window = flags, self.nxt[who], ack, 65535
+        if n:
+            l3 = l3 / Raw(b"x" * n)
+        self.nxt[who] = (self.nxt[who] + n + ("S" in flags) + ("F" in flags)) % 2**32
+        return _frame(l3)
+
+    def run(self, who: str, flags: str, now: float, n: int = 0):
+        """Send a segment through the slow path."""
+        res = self.r.slow(self.seg(who, flags, n), now)
+        self.conn = res.conn or self.conn
+        return res
+
+    def fast(self, now: float, gap: int = GAP) -> None:
+        """The fast path carried ``gap`` bytes each way: the slow path saw none of it."""
+        self.nxt["a"] = (self.nxt["a"] + gap) % 2**32
+        self.nxt["b"] = (self.nxt["b"] + gap) % 2**32
+        assert self.r.p.touch(self.conn, now)
+
+    def handshake(self, now: float = 1.0):
+        assert self.run("a", "S", now).state & CS.NEW
+        assert self.run("b", "SA", now).state & CS.EST
+        return self.run("a", "A", now)
+
+
+def test_real_tcp_offloaded_after_handshake_with_seq_check_off():
+    """SYN, SYN-ACK, ACK through the real tracker: offloaded on ESTABLISHED, seq check off."""
+    r = Router()
+    f = TcpFlow(r)
+    f.run("a", "S", 1.0)
+    f.run("b", "SA", 1.0)
+    assert not r.mgr.is_offloaded(f.conn) and f.conn.seq_check
+    f.run("a", "A", 1.0)
+    assert r.mgr.is_offloaded(f.conn) and r.p.holds(f.conn)
+    assert f.conn.seq_check is False
+    ctx = r.p.hooks("conn_add")[0]
+    assert ctx.proto_state == "ESTABLISHED" and ctx.orig == f.conn.orig
+
+
+def test_real_control_far_advanced_seq_is_invalid_without_offload():
+    """Control: a never-offloaded conn rejects a segment 50 MB ahead (the check is live)."""
+    r = Router(policy=EligibilityPolicy(protocols=frozenset({17})))
+    f = TcpFlow(r)
+    f.handshake()
+    f.nxt["a"] += GAP
+    assert f.run("a", "PA", 2.0, 100).state & CS.INV
+
+
+def test_real_withdraw_then_far_advanced_packets_are_not_invalid():
+    """After un-offload the next packets, 50 MB further on both sides, stay valid."""
+    r = Router()
+    f = TcpFlow(r)
+    f.handshake()
+    f.fast(5.0)
+    assert r.mgr.withdraw(f.conn, 6.0, "route-change")
+    assert f.conn.seq_check is True and not r.p.held
+    for who in ("a", "b", "a", "b"):
+        res = f.run(who, "PA", 7.0, 500)
+        assert not res.state & CS.INV, r.ct.stats.invalid_reasons
+    assert r.ct.stats.invalid == 0
+
+
+def test_real_fin_punted_from_fast_path_withdraws_and_teardown_is_valid():
+    """A FIN (punted by XDP) with far-advanced seq ends the offload; the close is valid."""
+    r = Router()
+    f = TcpFlow(r)
+    f.handshake()
+    f.fast(5.0)
+    res = f.run("a", "FA", 6.0)  # seq check still off while offloaded: accepted
+    assert not res.state & CS.INV and f.conn.state_name != "ESTABLISHED"
+    assert not r.mgr.is_offloaded(f.conn) and not r.p.held and f.conn.seq_check
+    assert r.mgr.stats["withdrawn"] == {Reason.NOT_ESTABLISHED: 1}
+    for who, flags in (("b", "A"), ("b", "PA"), ("b", "FA"), ("a", "A")):
+        res = f.run(who, flags, 7.0, 10 if "P" in flags else 0)
+        assert not res.state & CS.INV, (who, flags, r.ct.stats.invalid_reasons)
+    assert not r.mgr.is_offloaded(f.conn)  # a closing conn is never re-offered
+
+
+def test_real_rst_withdraws_and_expiry_sends_no_second_del():
+    """RST from the server un-offloads; the later expiry sends no further DEL."""
+    r = Router(cfg=CtConfig(timeouts={"tcp_closed": 5.0}))
+    f = TcpFlow(r)
+    f.handshake()
+    f.fast(2.0)
+    assert not f.run("b", "R", 3.0).state & CS.INV
+    assert not r.p.held and len(r.p.hooks("conn_del")) == 1
+    r.ct.sweep(100.0)
+    assert len(r.ct) == 0 and len(r.p.hooks("conn_del")) == 1
+
+
+def test_real_udp_offloaded_after_reply_without_seq_calls():
+    """UDP is offloaded once the reply was forwarded (BIDIR)."""
+    r = Router()
+    out = _frame(IP(src=IP_A, dst=IP_B) / UDP(sport=5353, dport=53) / Raw(b"q"))
+    back = _frame(IP(src=IP_B, dst=IP_A) / UDP(sport=53, dport=5353) / Raw(b"a"))
+    c = r.slow(out, 1.0).conn
+    r.slow(bytearray(out), 1.1)
+    assert not r.mgr.is_offloaded(c)
+    r.slow(back, 1.2)
+    assert r.mgr.is_offloaded(c) and c.state_name == "BIDIR" and c.seq_check is True
+
+
+def test_real_icmp_echo_offloaded_after_reply():
+    """ICMP echo is offloaded after the echo reply (both directions keyed by the id)."""
+    r = Router()
+    req = _frame(IP(src=IP_A, dst=IP_B) / ICMP(type=8, id=77, seq=1) / Raw(b"ping"))
+    rep = _frame(IP(src=IP_B, dst=IP_A) / ICMP(type=0, id=77, seq=1) / Raw(b"ping"))
+    c = r.slow(req, 1.0).conn
+    r.slow(rep, 1.0)
+    assert r.mgr.is_offloaded(c) and r.p.hooks("conn_add")[0].orig.sport == 77
+
+
+def test_real_snat_ctx_carries_translated_reply_tuple():
+    """With SNAT the ctx has snat set and the reply tuple addressed to the NAT address."""
+    nat = NatAction("snat", ipaddress_packed(IP_NAT))
+    r = Router(nat=nat)
+    out = _frame(IP(src=IP_A, dst=IP_B) / UDP(sport=5000, dport=53) / Raw(b"q"))
+    c = r.slow(out, 1.0).conn
+    back = _frame(IP(src=IP_B, dst=IP_NAT) / UDP(sport=53, dport=c.reply.dport) / Raw(b"a"))
+    r.slow(back, 1.0)
+    (ctx,) = r.p.hooks("conn_add")
+    assert ctx.snat and not ctx.dnat
+    assert ctx.reply.dst == ipaddress_packed(IP_NAT)
+    assert ctx.dirs[0].out.src == ipaddress_packed(IP_NAT)  # orig leaves translated
+    assert ctx.dirs[1].out.dst == ipaddress_packed(IP_A)  # reply leaves untranslated
+
+
+def test_real_min_pkts_rechecked_from_tracker_updates():
+    """min_pkts: the tracker's per-packet on_update triggers the ADD at the threshold."""
+    r = Router(policy=EligibilityPolicy(min_pkts=6))
+    f = TcpFlow(r)
+    f.handshake()  # 3 packets
+    assert r.mgr.reason(f.conn) == Reason.MIN_PKTS
+    f.run("b", "PA", 2.0, 10)
+    f.run("a", "A", 2.0)
+    assert not r.mgr.is_offloaded(f.conn)
+    f.run("a", "PA", 2.0, 10)  # 6th packet
+    assert r.mgr.is_offloaded(f.conn)
+
+
+def test_real_aging_keeps_offloaded_conn_alive_then_expiry_deletes():
+    """Last-used read-back pushes expiry out; without fast-path traffic it expires with DEL."""
+    r = Router(cfg=CtConfig(timeouts={"tcp_established": 10.0}))
+    f = TcpFlow(r)
+    f.handshake(now=1.0)  # expires at 11
+    r.p.touch(f.conn, 9.0)
+    assert r.mgr.age(9.5) == 1 and f.conn.expires == 19.0
+    r.ct.sweep(15.0)
+    assert len(r.ct) == 1 and r.mgr.is_offloaded(f.conn)
+    r.ct.sweep(25.0)
+    assert len(r.ct) == 0 and not r.p.held
+    assert r.p.hooks("conn_del") == [f.conn.ext["offload"]]
+
+
+def test_real_sweep_after_disable_without_withdraw_deletes_offloaded():
+    """Offload disabled (no withdraw), then expiry: the offloaded entry is still deleted."""
+    r = Router(cfg=CtConfig(timeouts={"tcp_established": 10.0}))
+    f = TcpFlow(r)
+    f.handshake()
+    r.mgr.disable(2.0, withdraw=False)
+    with r.mgr.batch(30.0):
+        r.ct.sweep(30.0)
+    assert not r.p.held and len(r.p.hooks("conn_del")) == 1
+
+
+def test_real_enable_after_disabled_start_sends_no_deletes():
+    """Offload enabled with live never-offloaded conns: ADDs only, zero DELs."""
+    r = Router()
+    r.mgr.disable(0.0)
+    flows = [TcpFlow(r, 40000 + i) for i in range(3)]
+    for fl in flows:
+        fl.handshake()
+    r.mgr.enable(2.0)
+    assert r.p.hooks()[1:] == ["conn_add"] * 3
+    assert all(fl.conn.seq_check is False for fl in flows)
+
+
+def test_real_unresolved_neighbour_pending_until_resolved():
+    """Next hop without MAC: pending; neigh_resolved installs it with the MAC."""
+    r = Router(resolved=False)
+    f = TcpFlow(r)
+    f.handshake()
+    assert r.mgr.reason(f.conn) == Reason.NEIGH_UNRESOLVED and r.p.hooks() == ["init"]
+    r.mgr.neigh_resolved(IF_B, B, MAC_B, 2.0)
+    assert r.mgr.is_offloaded(f.conn) and f.conn.seq_check is False
+
+
+def test_real_flush_via_manager():
+    """mgr.flush(): providers get one FLUSH, the tracker is emptied, no DELs."""
+    r = Router(DummyProvider(batch=True))
+    for i in range(4):
+        TcpFlow(r, 40000 + i).handshake()
+    r.mgr.flush(3.0)
+    assert len(r.ct) == 0 and not r.p.held and not r.p.hooks("conn_del")
+    assert r.p.hooks()[-1] == "flush"
+
+
+def test_real_raising_provider_never_breaks_the_tracker():
+    """A provider raising in every hook: every packet still tracked, no observer errors."""
+
+    class Broken(DummyProvider):
+        def _fault(self, hook, ctx):
+            if hook != "init":
+                raise RuntimeError(f"broken {hook}")
+            return 0
+
+    r = Router(Broken("broken"))
+    f = TcpFlow(r)
+    f.handshake()
+    assert not r.mgr.is_offloaded(f.conn) and f.conn.seq_check
+    for who, flags in (("a", "PA"), ("b", "PA"), ("a", "FA"), ("b", "FA"), ("a", "A")):
+        res = f.run(who, flags, 2.0, 10 if "P" in flags else 0)
+        assert not res.state & CS.INV
+    r.mgr.age(3.0)
+    r.ct.flush(4.0)
+    assert r.ct.stats.observer_errors == 0 and r.ct.stats.invalid == 0
+    assert r.mgr.stats["provider_errors"]["broken"] >= 1
+    assert r.mgr.stats["offloaded"] == 0
+
+
+def test_real_delete_by_tracker_while_batch_open():
+    """Expiry inside the daemon's burst batch: DEL submitted with the batch, nothing stale."""
+    r = Router(DummyProvider(batch=True), cfg=CtConfig(timeouts={"tcp_established": 10.0}))
+    f1, f2 = TcpFlow(r, 1), TcpFlow(r, 2)
+    f1.handshake(1.0)
+    with r.mgr.batch(20.0):
+        f2.handshake(20.0)  # ADD queued
+        r.ct.sweep(20.0)  # f1 expires: DEL queued
+        assert len(r.p.held) == 1
+    assert r.p.batches[-1] == 2 and r.p.holds(f2.conn) and not r.p.holds(f1.conn)
