@@ -1,0 +1,538 @@
+"""ctxdp.providers.xdp against the real kernel: attaching (native, generic,
+fallback, rollback), both direction entries written and removed, ENOSPC
+without half-written pairs, batches, aging through the mmap stamped by the
+program under BPF_PROG_RUN, FIN teardown flags, pin/adopt/flush across
+provider instances, and a close() that leaves nothing behind.
+
+Every kernel object (netns, veth, XDP attachment, pin directory) carries a
+uuid tag and is removed by a fixture finaliser that runs even on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ctxdp import bpfsys
+from ctxdp.conntrack.flowtuple import FlowTuple
+from ctxdp.providers import xdp_layout as L
+from ctxdp.providers.base import Batch, FlowDir, OffloadCtx, Op, OpKind, ProviderError
+from ctxdp.providers.xdp import XdpProvider
+from tests.privileged import require_bcc, require_root
+
+pytestmark = pytest.mark.privileged
+
+TAG = uuid.uuid4().hex[:6]
+PIN_PREFIX = f"/sys/fs/bpf/ctxdp-t{TAG}"
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+def xdp_mode(dev: str) -> str | None:
+    """'native', 'generic' or None: what `ip -d link` says is attached to ``dev``."""
+    out = ip("-d", "link", "show", "dev", dev).stdout
+    if "xdpgeneric" in out:
+        return "generic"
+    if "prog/xdp" in out:
+        return "native"
+    return None
+
+
+@dataclass
+class XPorts:
+    ns: str
+    a: str  # router-side ends, in this process's netns
+    b: str
+    big: str  # MTU 9000: veth refuses native XDP for it (ERANGE)
+    a_idx: int
+    b_idx: int
+
+
+def _ifindex(dev: str) -> int:
+    return int(Path(f"/sys/class/net/{dev}/ifindex").read_text())
+
+
+def _detach_everything(*devs: str) -> None:
+    for d in devs:
+        ip("link", "set", "dev", d, "xdpgeneric", "off", check=False)
+        ip("link", "set", "dev", d, "xdpdrv", "off", check=False)
+
+
+@pytest.fixture(scope="module")
+def xports():
+    """Three veth pairs with peers in a private netns; all deleted at the end."""
+    require_root()
+    ns = f"ctxxdp{TAG}"
+    a, b, big = f"xpa{TAG}", f"xpb{TAG}", f"xpj{TAG}"
+    ip("netns", "add", ns)
+    try:
+        for i, dev in enumerate((a, b, big)):
+            mtu = ["mtu", "9000"] if dev == big else []
+            peer = ["peer", "name", f"xpp{i}{TAG}", *mtu, "netns", ns]
+            ip("link", "add", dev, *mtu, "type", "veth", *peer)
+            ip("link", "set", dev, "up")
+            ip("-n", ns, "link", "set", f"xpp{i}{TAG}", "up")
+        yield XPorts(ns, a, b, big, _ifindex(a), _ifindex(b))
+    finally:
+        _detach_everything(a, b, big)
+        for dev in (a, b, big):
+            ip("link", "del", dev, check=False)
+        ip("netns", "del", ns, check=False)
+        for p in Path("/sys/fs/bpf").glob(f"ctxdp-t{TAG}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@pytest.fixture
+def make(xports):
+    """Factory of providers on unique pin dirs; every one is closed (keep off),
+    its ports detached and its pin dir removed after the test, pass or fail."""
+    require_bcc()
+    made: list[XdpProvider] = []
+
+    def _make(ports=None, **kw) -> XdpProvider:
+        kw.setdefault("pin_dir", f"{PIN_PREFIX}-{uuid.uuid4().hex[:6]}")
+        kw.setdefault("max_conns", 64)
+        p = XdpProvider(ports if ports is not None else [xports.a, xports.b], **kw)
+        made.append(p)
+        return p
+
+    yield _make
+    for p in made:
+        p.keep = False
+        with contextlib.suppress(Exception):
+            p.close()
+    _detach_everything(xports.a, xports.b, xports.big)
+    for p in made:
+        shutil.rmtree(p.pin_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shared(xports):
+    """One started provider for the map-operation tests (compiled once)."""
+    require_bcc()
+    p = XdpProvider([xports.a, xports.b], max_conns=64, pin_dir=f"{PIN_PREFIX}-shared")
+    try:
+        p.start()
+        yield p
+    finally:
+        p.keep = False
+        with contextlib.suppress(Exception):
+            p.close()
+        _detach_everything(xports.a, xports.b)
+        shutil.rmtree(p.pin_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def prov(shared):
+    """The shared provider, flushed before and after the test."""
+    assert shared.flush() == 0
+    yield shared
+    shared.flush()
+
+
+# --- connections ------------------------------------------------------------------
+
+MAC_A = bytes.fromhex("020000000a01")  # router port a
+MAC_B = bytes.fromhex("020000000b01")  # router port b
+MAC_CLIENT = bytes.fromhex("02000000c001")
+MAC_SERVER = bytes.fromhex("02000000d001")
+
+
+def v4(s: str) -> bytes:
+    return bytes(int(x) for x in s.split("."))
+
+
+def make_ctx(xp: XPorts, n: int = 0, *, snat: bool = True, proto: int = 6) -> OffloadCtx:
+    """A client(a) -> server(b) connection #n, SNATed to 192.168.1.1 by default."""
+    client, server, pub = v4("10.0.0.2"), v4("192.168.1.2"), v4("192.168.1.1")
+    cport, sport = 40000 + n, 80
+    orig = FlowTuple(4, proto, client, server, cport, sport)
+    if snat:
+        reply = FlowTuple(4, proto, server, pub, sport, 50000 + n)
+    else:
+        reply = orig.reverse()
+    d0 = FlowDir(xp.a_idx, orig, reply.reverse(), xp.b_idx, MAC_B, MAC_SERVER, 1500)
+    d1 = FlowDir(xp.b_idx, reply, orig.reverse(), xp.a_idx, MAC_A, MAC_CLIENT, 1500)
+    return OffloadCtx(conn=None, zone=0, orig=orig, reply=reply, snat=snat, dirs=[d0, d1])
+
+
+def bcc_entries(p: XdpProvider) -> dict[tuple, object]:
+    """ct_flows as bcc's own ctypes types see it: (ifindex, src, sport) -> leaf."""
+    t = p.table[b"ct_flows"]
+    out = {}
+    for k, v in t.items():
+        out[(k.ifindex, bytes(bytearray(k.src))[:4], socket_ntohs(k.sport))] = (k, v)
+    return out
+
+
+def socket_ntohs(x: int) -> int:
+    return int.from_bytes(x.to_bytes(2, "little"), "big")
+
+
+def tcp_frame(d: FlowDir, flags: str = "A") -> bytes:
+    from scapy.layers.inet import IP, TCP  # noqa: PLC0415
+    from scapy.layers.l2 import Ether  # noqa: PLC0415
+    from scapy.packet import Raw  # noqa: PLC0415
+
+    m = d.match
+    pkt = (
+        Ether(src="02:00:00:00:00:99", dst="02:00:00:00:00:98")
+        / IP(src=".".join(map(str, m.src)), dst=".".join(map(str, m.dst)), ttl=64)
+        / TCP(sport=m.sport, dport=m.dport, flags=flags, seq=1, ack=1)
+        / Raw(b"x" * 20)
+    )
+    return bytes(pkt)
+
+
+def run(p: XdpProvider, frame: bytes, ifindex: int) -> bpfsys.TestRun:
+    return bpfsys.prog_test_run(p.prog_fd, frame, ingress_ifindex=ifindex)
+
+
+def map_len(p: XdpProvider) -> int:
+    return sum(n for _k, _v, n in bpfsys.map_lookup_batch(p.flows_fd, L.KEY_SIZE, L.VAL_SIZE))
+
+
+# --- attaching ------------------------------------------------------------------------
+
+
+def test_start_attaches_native_pins_and_fills_tx_ports(make, xports):
+    """start() attaches natively to every port, pins the maps, lists both ports."""
+    p = make()
+    p.start()
+    assert p.attached == {xports.a: "native", xports.b: "native"}
+    assert xdp_mode(xports.a) == "native" and xdp_mode(xports.b) == "native"
+    assert {"ct_flows", "ct_last_used", "ct_stats", "ct_tx_ports"} <= set(os.listdir(p.pin_dir))
+    tx = p.table[b"ct_tx_ports"].map_fd
+    keys = set()
+    k = bpfsys.map_get_next_key(tx, None, 4)
+    while k is not None:
+        keys.add(struct.unpack("=I", k)[0])
+        k = bpfsys.map_get_next_key(tx, k, 4)
+    assert keys == {xports.a_idx, xports.b_idx}
+    assert p.stats()["ports_native"] == 2
+
+
+def test_generic_mode_is_forced(make, xports):
+    """mode='generic' attaches in skb mode even where native would work."""
+    p = make(mode="generic")
+    p.start()
+    assert set(p.attached.values()) == {"generic"}
+    assert xdp_mode(xports.a) == "generic"
+
+
+def test_auto_falls_back_to_generic_with_warning(make, xports, caplog):
+    """mode='auto' uses generic, with a warning, on a port that refuses native."""
+    p = make([xports.a, xports.big])
+    with caplog.at_level(logging.WARNING, logger="ctxdp.providers.xdp"):
+        p.start()
+    assert p.attached == {xports.a: "native", xports.big: "generic"}
+    assert xdp_mode(xports.big) == "generic"
+    assert any("generic" in r.getMessage() for r in caplog.records)
+
+
+def test_native_mode_failure_rolls_back_earlier_ports(make, xports):
+    """mode='native' fails hard on the second port and detaches the first."""
+    p = make([xports.a, xports.big], mode="native")
+    with pytest.raises(ProviderError) as ei:
+        p.start()
+    assert ei.value.errno == errno.ERANGE
+    assert xdp_mode(xports.a) is None and xdp_mode(xports.big) is None
+    assert not os.path.exists(p.pin_dir)
+    assert not p.started
+
+
+def test_missing_port_rolls_back(make, xports):
+    """A port that does not exist fails start() with ENODEV and leaves nothing attached."""
+    p = make([xports.a, f"nope{TAG}"])
+    with pytest.raises(ProviderError) as ei:
+        p.start()
+    assert ei.value.errno == errno.ENODEV
+    assert xdp_mode(xports.a) is None
+    assert not os.path.exists(p.pin_dir)
+
+
+def test_init_returns_errno_instead_of_raising(make, xports):
+    """init() reports a failed start as an errno for the offload manager."""
+    p = make([f"nope{TAG}"])
+    assert p.init() == errno.ENODEV
+    assert isinstance(p.init_error, ProviderError)
+
+
+def test_pin_dir_off_bpffs_is_refused_clearly(make, tmp_path):
+    """A pin dir outside bpffs fails with a message that says how to mount it."""
+    p = make(pin_dir=str(tmp_path / "pins"))
+    with pytest.raises(ProviderError, match="mount -t bpf"):
+        p.start()
+
+
+def test_close_detaches_and_unpins(make, xports):
+    """close() (keep=False) removes the XDP program from every port and the pins."""
+    p = make()
+    p.start()
+    p.close()
+    assert xdp_mode(xports.a) is None and xdp_mode(xports.b) is None
+    assert not os.path.exists(p.pin_dir)
+    p.close()  # idempotent
+
+
+# --- installing -----------------------------------------------------------------------
+
+
+def test_conn_add_writes_both_directions(prov, xports):
+    """conn_add writes the two entries bcc reads back with the right keys and values."""
+    ctx = make_ctx(xports)
+    assert prov.conn_add(ctx) == 0
+    ents = bcc_entries(prov)
+    assert len(ents) == 2
+    k0, v0 = ents[(xports.a_idx, v4("10.0.0.2"), 40000)]
+    k1, v1 = ents[(xports.b_idx, v4("192.168.1.2"), 80)]
+    assert (k0.family, k0.proto, socket_ntohs(k0.dport)) == (4, 6, 80)
+    assert bytes(bytearray(k0.dst))[:4] == v4("192.168.1.2")
+    assert bytes(bytearray(k1.dst))[:4] == v4("192.168.1.1")
+    assert socket_ntohs(k1.dport) == 50000
+    assert v0.slot == v1.slot == prov.slot_of(ctx)
+    assert v0.flags == L.CT_F_SNAT and v1.flags == L.CT_F_DNAT
+    assert bytes(bytearray(v0.nat_src))[:4] == v4("192.168.1.1")
+    assert socket_ntohs(v0.nat_sport) == 50000
+    assert bytes(bytearray(v1.nat_dst))[:4] == v4("10.0.0.2")
+    assert socket_ntohs(v1.nat_dport) == 40000
+    assert (v0.out_ifindex, v1.out_ifindex) == (xports.b_idx, xports.a_idx)
+    assert bytes(bytearray(v0.smac)) == MAC_B and bytes(bytearray(v0.dmac)) == MAC_SERVER
+    assert bytes(bytearray(v1.smac)) == MAC_A and bytes(bytearray(v1.dmac)) == MAC_CLIENT
+    assert v0.mtu == 1500 and v0.packets == 0
+    s = prov.stats()
+    assert (s["conns"], s["entries"], s["adds"]) == (1, 2, 1)
+
+
+def test_unresolved_connection_is_eagain(prov, xports):
+    """A missing direction or next hop gives EAGAIN and writes nothing."""
+    ctx = make_ctx(xports)
+    ctx.dirs[1] = None
+    assert prov.conn_add(ctx) == errno.EAGAIN
+    ctx = make_ctx(xports)
+    ctx.dirs[0].dst_mac = None
+    assert prov.conn_add(ctx) == errno.EAGAIN
+    assert map_len(prov) == 0 and prov.stats()["conns"] == 0
+
+
+def test_key_owned_by_another_connection_is_eexist(prov, xports):
+    """Two connections never own one key: the second add is EEXIST, the first intact."""
+    a, b = make_ctx(xports), make_ctx(xports)
+    assert prov.conn_add(a) == 0
+    assert prov.conn_add(b) == errno.EEXIST
+    assert map_len(prov) == 2 and prov.slot_of(b) is None
+
+
+def test_readd_rewrites_in_place(prov, xports):
+    """Adding a held connection again (or conn_policy) rewrites it on the same slot."""
+    ctx = make_ctx(xports)
+    assert prov.conn_add(ctx) == 0
+    slot = prov.slot_of(ctx)
+    ctx.dirs[0].dst_mac = bytes.fromhex("02000000d002")
+    assert prov.conn_policy(ctx) == 0
+    assert prov.slot_of(ctx) == slot and map_len(prov) == 2
+    _k, v0 = bcc_entries(prov)[(xports.a_idx, v4("10.0.0.2"), 40000)]
+    assert bytes(bytearray(v0.dmac)) == bytes.fromhex("02000000d002")
+    assert prov.conn_add(ctx) == 0 and prov.stats()["conns"] == 1
+
+
+def test_conn_del_removes_both_and_frees_the_slot(prov, xports):
+    """conn_del deletes both entries; the slot is reused; a second del is ENOENT."""
+    ctx = make_ctx(xports)
+    prov.conn_add(ctx)
+    free = prov.stats()["free_slots"]
+    assert prov.conn_del(ctx) == 0
+    assert map_len(prov) == 0
+    assert prov.stats()["free_slots"] == free + 1
+    assert prov.conn_del(ctx) == errno.ENOENT
+    with pytest.raises(ProviderError):
+        prov.conn_update(ctx)
+
+
+def test_batch_submit_runs_each_kind_in_order(prov, xports):
+    """One batch: ADDs (one unresolved), UPD, EST, DEL all get their own result."""
+    ctxs = [make_ctx(xports, i) for i in range(10)]
+    bad = make_ctx(xports, 99)
+    bad.dirs[1] = None
+    ops = [Op(OpKind.ADD, c) for c in ctxs] + [Op(OpKind.ADD, bad)]
+    ops += [Op(OpKind.UPD, ctxs[0]), Op(OpKind.EST, ctxs[1]), Op(OpKind.DEL, ctxs[2])]
+    ops += [Op(OpKind.DEL, ctxs[3]), Op(OpKind.UPD, ctxs[3])]
+    prov.batch_submit(Batch(ops))
+    assert [o.err for o in ops[:10]] == [0] * 10
+    assert ops[10].err == errno.EAGAIN
+    assert (ops[11].err, ops[11].result) == (0, None)  # never hit
+    assert ops[12].err == 0 and ops[13].err == 0 and ops[14].err == 0
+    assert ops[15].err == errno.ENOENT
+    assert map_len(prov) == 2 * 8
+    assert len({prov.slot_of(c) for c in ctxs[4:]}) == 6
+
+
+def test_flush_deletes_everything(prov, xports):
+    """flush() empties ct_flows and forgets every connection."""
+    ctxs = [make_ctx(xports, i) for i in range(5)]
+    prov.batch_submit(Batch([Op(OpKind.ADD, c) for c in ctxs]))
+    assert map_len(prov) == 10
+    assert prov.flush() == 0
+    assert map_len(prov) == 0
+    assert prov.stats()["conns"] == 0 and prov.slot_of(ctxs[0]) is None
+
+
+# --- the fast path writes, the provider reads --------------------------------------------
+
+
+def test_aging_reads_the_stamp_the_program_wrote(prov, xports):
+    """A packet run through the program stamps last-used; conn_update(_many) reads
+    it through the mmap as seconds on time.monotonic()'s clock."""
+    ctx, other = make_ctx(xports, 0), make_ctx(xports, 1)
+    prov.conn_add(ctx)
+    prov.conn_add(other)
+    assert prov.conn_update(ctx) is None
+    t0 = time.monotonic()
+    res = run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx)
+    t1 = time.monotonic()
+    assert res.retval == bpfsys.XDP_REDIRECT
+    lu = prov.conn_update(ctx)
+    # The program uses the coarse clock: it may lag by a tick (<= 10 ms).
+    assert t0 - 0.02 <= lu <= t1 + 0.001
+    assert prov.conn_update_many([ctx, other]) == [lu, None]
+    _k, v0 = bcc_entries(prov)[(xports.a_idx, v4("10.0.0.2"), 40000)]
+    assert v0.last_used == prov.last_used_ns(ctx) and v0.packets == 1
+    assert prov.stats()["hit"] >= 1
+
+
+def test_counters_per_direction(prov, xports):
+    """counters() reports the program's packet/byte counts for each direction."""
+    ctx = make_ctx(xports)
+    prov.conn_add(ctx)
+    f0, f1 = tcp_frame(ctx.dirs[0]), tcp_frame(ctx.dirs[1])
+    for _ in range(2):
+        assert run(prov, f0, xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    assert run(prov, f1, xports.b_idx).retval == bpfsys.XDP_REDIRECT
+    ((c, pkts, byts),) = prov.counters()
+    assert c is ctx and pkts == (2, 1) and byts == (2 * len(f0), len(f1))
+
+
+def test_fin_flags_the_connection_for_teardown(prov, xports):
+    """A FIN is punted by the program and teardown_flagged() returns its connection."""
+    ctx, other = make_ctx(xports, 0), make_ctx(xports, 1)
+    prov.conn_add(ctx)
+    prov.conn_add(other)
+    assert prov.teardown_flagged() == []
+    assert run(prov, tcp_frame(ctx.dirs[0], "FA"), xports.a_idx).retval == bpfsys.XDP_PASS
+    assert prov.teardown_flagged() == [ctx]
+    assert prov.stats()["punt_fin_rst"] >= 1
+
+
+# --- capacity -------------------------------------------------------------------------
+
+
+def test_enospc_when_slots_run_out(make, xports):
+    """With CT_MAX_CONNS=4 the fifth connection is ENOSPC, counted, nothing written."""
+    p = make(max_conns=4)
+    p.start()
+    ctxs = [make_ctx(xports, i) for i in range(5)]
+    assert [p.conn_add(c) for c in ctxs] == [0, 0, 0, 0, errno.ENOSPC]
+    assert map_len(p) == 8
+    s = p.stats()
+    assert (s["enospc"], s["conns"], s["free_slots"]) == (1, 4, 0)
+    assert p.conn_del(ctxs[0]) == 0 and p.conn_add(ctxs[4]) == 0
+
+
+def test_full_map_rolls_back_a_half_written_pair(make, xports):
+    """When the kernel map fills after the first entry of a pair, that entry is
+    removed again: ENOSPC, and no half connection stays in the map."""
+    p = make(max_conns=4)
+    p.start()
+    # Seven foreign entries leave room for exactly one: the pair cannot fit.
+    keys, vals = bytearray(7 * L.KEY_SIZE), bytearray(7 * L.VAL_SIZE)
+    for i in range(7):
+        L.KEY.pack_into(keys, i * L.KEY_SIZE, 999, 4, 17, 0, i, i, b"\1" * 16, b"\2" * 16)
+    bpfsys.map_update_batch(p.flows_fd, keys, vals, 7)
+    ctx = make_ctx(xports)
+    ops = [Op(OpKind.ADD, ctx)]
+    p.batch_submit(Batch(ops))
+    assert ops[0].err == errno.ENOSPC
+    assert map_len(p) == 7
+    s = p.stats()
+    assert (s["rollbacks"], s["enospc"], s["conns"], s["free_slots"]) == (1, 1, 0, 4)
+
+
+# --- restart --------------------------------------------------------------------------
+
+
+def test_keep_then_adopt_keeps_forwarding_state(make, xports):
+    """keep=True leaves XDP attached and maps pinned; a new provider adopting them
+    sees the connection, and re-adding it claims the same slot and stamp."""
+    p1 = make(keep=True)
+    p1.start()
+    ctx = make_ctx(xports)
+    assert p1.conn_add(ctx) == 0
+    run(p1, tcp_frame(ctx.dirs[0]), xports.a_idx)
+    slot, stamp = p1.slot_of(ctx), p1.last_used_ns(ctx)
+    p1.close()
+    assert xdp_mode(xports.a) == "native" and os.path.exists(p1.pin_dir)
+
+    p2 = make(pin_dir=p1.pin_dir, on_start="adopt")
+    p2.start()
+    s = p2.stats()
+    assert (s["orphans"], s["entries"], s["adopted"]) == (1, 2, 1)
+    ctx2 = make_ctx(xports)  # the restarted daemon's view of the same connection
+    assert p2.conn_add(ctx2) == 0
+    assert p2.slot_of(ctx2) == slot and p2.last_used_ns(ctx2) == stamp
+    s = p2.stats()
+    assert (s["orphans"], s["conns"], s["claimed"], s["entries"]) == (0, 1, 1, 2)
+    p2.close()
+    assert xdp_mode(xports.a) is None and not os.path.exists(p1.pin_dir)
+
+
+def test_keep_then_flush_starts_empty(make, xports):
+    """on_start='flush' ignores what a kept run left: empty map, all slots free."""
+    p1 = make(keep=True)
+    p1.start()
+    p1.conn_add(make_ctx(xports))
+    p1.close()
+    p2 = make(pin_dir=p1.pin_dir, on_start="flush")
+    p2.start()
+    assert map_len(p2) == 0
+    s = p2.stats()
+    assert (s["orphans"], s["free_slots"]) == (0, 64)
+
+
+def test_unclaimed_orphans_are_reaped(make, xports):
+    """reap_orphans() deletes adopted entries nobody claimed and frees their slots."""
+    p1 = make(keep=True)
+    p1.start()
+    p1.conn_add(make_ctx(xports, 0))
+    p1.conn_add(make_ctx(xports, 1))
+    p1.close()
+    p2 = make(pin_dir=p1.pin_dir)
+    p2.start()
+    assert p2.conn_add(make_ctx(xports, 0)) == 0
+    assert p2.reap_orphans() == 1
+    assert map_len(p2) == 2 and p2.stats()["free_slots"] == 63
+
+
+def test_pins_of_another_size_are_not_adopted(make, xports, caplog):
+    """Pinned maps built for another CT_MAX_CONNS are replaced, with a warning."""
+    p1 = make(keep=True, max_conns=64)
+    p1.start()
+    p1.conn_add(make_ctx(xports))
+    p1.close()
+    p2 = make(pin_dir=p1.pin_dir, max_conns=128)
+    with caplog.at_level(logging.WARNING, logger="ctxdp.providers.xdp"):
+        p2.start()
+    assert map_len(p2) == 0 and p2.stats()["orphans"] == 0
+    assert any("fresh maps" in r.getMessage() for r in caplog.records)
