@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from ctxdp.datapath.netlink import LinkWatcher, LocalAddrs, Netlink
+from ctxdp.datapath.ports import Port, PortSet
 from tests.integration import topo as topo_mod
 
 pytestmark = pytest.mark.privileged
@@ -79,8 +81,6 @@ def _capture(ctl, ifname: str, marker: bytes, timeout: float) -> list[bytes]:
 def _router_forward(ctl, marker: bytes, dst_mac: bytes) -> dict:
     """Router side: receive on p0, forward the marker frame out of p1, and check
     that no outgoing frame on p1 (ours or another socket's) is received."""
-    from ctxdp.datapath.ports import PortSet
-
     ports = PortSet(["p0", "p1"])
     p0, p1 = ports.by_name("p0"), ports.by_name("p1")
     # Control: a plain tap on p1 WITHOUT PACKET_IGNORE_OUTGOING sees our
@@ -159,8 +159,6 @@ def test_port_receives_forwards_and_ignores_its_own_sends(topo):
 
 def _send_errors() -> dict:
     """Router side: send() on a downed port and an oversize frame."""
-    from ctxdp.datapath.ports import Port
-
     p1 = Port("p1")
     big = bytes(14 + p1.mtu + 100)
     ok_big = p1.send(big)
@@ -180,9 +178,6 @@ def test_send_counts_errors_instead_of_raising(topo):
 
 
 def _local_dst() -> dict:
-    from ctxdp.datapath.netlink import LocalAddrs, Netlink
-    from ctxdp.datapath.ports import Port
-
     nl = Netlink()
     port = Port("p0", local=LocalAddrs(nl))
     out = {
@@ -215,9 +210,6 @@ def test_is_local_dst_tracks_router_addresses(topo):
 
 def _mac_change(ctl, new_mac: str) -> dict:
     """Router side: change p0's MAC and MTU; the PortSet follows link events."""
-    from ctxdp.datapath.netlink import LinkWatcher, Netlink
-    from ctxdp.datapath.ports import PortSet
-
     nl = Netlink()
     links = LinkWatcher(nl)
     ports = PortSet(["p0"])

@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from ctxdp.datapath.netlink import Netlink
+from ctxdp.datapath.routing import RTN_LOCAL, Router
 from tests.integration import topo as topo_mod
 
 pytestmark = pytest.mark.privileged
@@ -24,9 +26,6 @@ def _ip(*args: str) -> None:
 
 
 def _lookups() -> dict:
-    from ctxdp.datapath.netlink import Netlink
-    from ctxdp.datapath.routing import RTN_LOCAL, Router
-
     nl = Netlink()
     r = Router(nl)
     p0, p1 = socket.if_nametoindex("p0"), socket.if_nametoindex("p1")
@@ -70,9 +69,6 @@ def test_lookup_follows_the_kernel_fib(topo):
 
 
 def _invalidation() -> dict:
-    from ctxdp.datapath.netlink import Netlink
-    from ctxdp.datapath.routing import Router
-
     nl = Netlink()
     r = Router(nl)
     changes: list = []
