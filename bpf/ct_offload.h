@@ -3,8 +3,13 @@
  * (bpf/ct_offload.c) and userspace (ctxdp/providers/xdp.py).
  *
  * Contract:
- *  - Structs are packed with explicit padding; every pad byte is zero when
- *    userspace writes it (hash keys compare all bytes).
+ *  - Structs are laid out with explicit padding so that every field is
+ *    naturally aligned and the compiler adds no padding of its own (checked
+ *    by the _Static_asserts below). They are deliberately NOT
+ *    __attribute__((packed)): packed makes clang load every multi-byte field
+ *    byte by byte on the fast path and forbids native atomic adds on the
+ *    counters. Every pad byte is zero when userspace writes it (hash keys
+ *    compare all bytes).
  *  - Byte order is stated per field: "be" fields are network order exactly as
  *    on the wire, everything else is host order.
  *  - Python never redefines these layouts by hand without a test that checks
@@ -61,10 +66,22 @@ struct ct_flow_key {
 	__be16 dport;    /* network order: L4 destination port; ICMP echo: identifier */
 	__be32 src[4];   /* network order: source address; IPv4 uses src[0], rest zero */
 	__be32 dst[4];   /* network order: destination address; IPv4 uses dst[0], rest zero */
-} __attribute__((packed));
+};
 
 /* What to do with a packet that matched. 96 bytes. The counters are updated
- * with atomic adds so that they are exact when several CPUs hit one entry. */
+ * with atomic adds so that they are exact when several CPUs hit one entry.
+ *
+ * Checksum deltas: with 16-bit one's-complement arithmetic, userspace sums
+ * (~w & 0xffff) + w' over every 16-bit word w -> w' the rewrite changes,
+ * taking words as the CPU loads them from the packet (native order), and
+ * folds the sum to 16 bits. The program then sets csum' = ~fold(~csum + S)
+ * on the checksum field as loaded (RFC 1624 eqn. 3, no byte swaps; see
+ * csum.h). l3_csum_delta = IPv4 address words + the TTL decrement (constant:
+ * TTL <= 1 punts, so it never wraps). l4_csum_delta = pseudo-header address
+ * words + port words (TCP/UDP), the echo id only (ICMPv4), or pseudo-header
+ * addresses + echo id (ICMPv6). A zero IPv4 UDP checksum stays zero. Only
+ * rewrites enabled by CT_F_SNAT / CT_F_DNAT enter the deltas. ICMP echo has
+ * one id: it becomes nat_sport under CT_F_SNAT, else nat_dport. */
 struct ct_flow_val {
 	__u32 flags;        /* host order: enum ct_flow_flags */
 	__u32 out_ifindex;  /* host order: egress interface index (devmap key) */
@@ -76,14 +93,18 @@ struct ct_flow_val {
 	__be32 nat_dst[4];  /* network order: new destination address when CT_F_DNAT */
 	__be16 nat_sport;   /* network order: new source port / echo id when CT_F_SNAT */
 	__be16 nat_dport;   /* network order: new destination port / echo id when CT_F_DNAT */
-	__u32 l3_csum_delta;/* host order: one's-complement sum to add to the IPv4 header
-			     * checksum (NAT addresses + the TTL decrement); 0 for IPv6 */
-	__u32 l4_csum_delta;/* host order: one's-complement sum to add to the TCP/UDP/ICMPv6
+	__u32 l3_csum_delta;/* folded one's-complement sum S for the IPv4 header checksum
+			     * (NAT addresses + the TTL decrement); 0 for IPv6 */
+	__u32 l4_csum_delta;/* folded one's-complement sum S for the TCP/UDP/ICMP(v6)
 			     * checksum (pseudo-header addresses + ports / echo id) */
 	__u32 slot;         /* host order: index of this connection in ct_last_used */
 	__u64 packets;      /* host order: packets forwarded in this direction (atomic) */
 	__u64 bytes;        /* host order: bytes (from the Ethernet header) forwarded (atomic) */
 	__u64 last_used;    /* host order: bpf_ktime_get_coarse_ns() of the latest hit */
-} __attribute__((packed));
+};
+
+_Static_assert(sizeof(struct ct_flow_key) == 44, "ct_flow_key layout");
+_Static_assert(sizeof(struct ct_flow_val) == 96, "ct_flow_val layout");
+_Static_assert(__builtin_offsetof(struct ct_flow_val, packets) == 72, "ct_flow_val layout");
 
 #endif /* CTXDP_CT_OFFLOAD_H */

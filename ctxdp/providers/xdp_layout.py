@@ -38,6 +38,7 @@ __all__ = [
     "CT_F_SNAT",
     "CT_F_TEARDOWN",
     "CT_MAX_PORTS",
+    "CT_STAT_MAX",
     "CT_STAT_NAMES",
     "FlowVal",
     "KEY",
@@ -83,6 +84,7 @@ CT_STAT_NAMES = (
     "redirect_err",
 )
 STAT = {name: i for i, name in enumerate(CT_STAT_NAMES)}
+CT_STAT_MAX = len(CT_STAT_NAMES)
 
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6

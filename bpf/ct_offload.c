@@ -1,0 +1,443 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* ct_offload.c — the XDP fast path of ctxdp's connection-tracking offload.
+ *
+ * Contract: for every frame on a port this program is attached to,
+ *  - it parses Ethernet (no VLAN), IPv4 / IPv6 and TCP / UDP / ICMP(v6) echo;
+ *  - it PUNTS (XDP_PASS + its own per-CPU counter, packet untouched):
+ *      * before any lookup, anything it cannot build a reliable key for:
+ *        IPv4 options (IHL > 5), fragments (IPv4 MF/offset, IPv6 fragment
+ *        header), IPv6 extension headers, and "unknown": non-IP (ARP, VLAN
+ *        tags, ...), malformed or truncated headers, other L4 protocols,
+ *        ICMP other than echo, IPv6 UDP with a zero checksum;
+ *      * on a hit: TCP FIN or RST (and flags the entry, and the reverse
+ *        direction's entry if it is keyed on the egress port, with
+ *        CT_F_TEARDOWN so userspace tears the connection down), TTL / hop
+ *        limit <= 1, an IP datagram longer than the entry's egress MTU;
+ *  - on a MISS it passes the frame untouched (counter "miss");
+ *  - on a HIT it reserves the egress (devmap redirect, or XDP_TX when the
+ *    egress port is the ingress port) BEFORE touching the packet, so that a
+ *    missing devmap port passes the frame unmodified (counter redirect_err);
+ *    then it applies SNAT/DNAT with precomputed checksum deltas, rewrites
+ *    both MACs, decrements TTL / hop limit, adds to the entry's packet/byte
+ *    counters atomically, stamps last_used in the entry and in
+ *    ct_last_used[slot], and returns XDP_REDIRECT / XDP_TX (counter "hit").
+ * Exactly one ct_stats counter is bumped per frame.
+ *
+ * Build knobs (bcc cflags):
+ *   -I<dir of this file>        required: the local headers
+ *   -DCT_MAX_CONNS=N            connections (ct_flows holds 2N entries)
+ *   -DCT_PIN_DIR=\"/sys/fs/bpf/ctxdp\"   declare every map pinned there:
+ *        bcc adopts a map already pinned at <dir>/<name>, else creates and
+ *        pins it (bcc does not compare type or sizes: the loader must).
+ *   -DCT_TX_PORTS_PIN=\"path\"  adopt ct_tx_ports from this pin (default with
+ *        CT_PIN_DIR: <dir>/ct_tx_ports). bcc 0.26 cannot declare a
+ *        DEVMAP_HASH, so the loader creates one (bpf(2) MAP_CREATE), pins it
+ *        here, then compiles; without any pin, ct_tx_ports is a plain DEVMAP
+ *        array of CT_TX_PORTS_MAX slots indexed by ifindex.
+ *   -DCT_FLOWS_FLAGS=1          ct_flows map flags (1 = BPF_F_NO_PREALLOC)
+ *   -DCT_TEST_HOOKS             tests only: record each decision in ct_debug
+ */
+#include <uapi/linux/bpf.h>
+
+#include "ct_offload.h"
+#include "parsing.h"
+#include "csum.h"
+
+#ifndef CT_FLOWS_FLAGS
+#define CT_FLOWS_FLAGS 0
+#endif
+#ifndef CT_TX_PORTS_MAX
+#define CT_TX_PORTS_MAX 65536
+#endif
+
+/* --- maps (their names are the userspace API) --------------------------- */
+
+#ifdef CT_PIN_DIR
+BPF_TABLE_PINNED("hash", struct ct_flow_key, struct ct_flow_val, ct_flows,
+		 CT_MAX_FLOWS, CT_PIN_DIR "/ct_flows", CT_FLOWS_FLAGS);
+BPF_TABLE_PINNED("array", u32, u64, ct_last_used, CT_MAX_CONNS,
+		 CT_PIN_DIR "/ct_last_used", BPF_F_MMAPABLE);
+BPF_TABLE_PINNED("percpu_array", u32, u64, ct_stats, CT_STAT_MAX,
+		 CT_PIN_DIR "/ct_stats");
+#ifndef CT_TX_PORTS_PIN
+#define CT_TX_PORTS_PIN CT_PIN_DIR "/ct_tx_ports"
+#endif
+#else
+BPF_F_TABLE("hash", struct ct_flow_key, struct ct_flow_val, ct_flows,
+	    CT_MAX_FLOWS, CT_FLOWS_FLAGS);
+BPF_F_TABLE("array", u32, u64, ct_last_used, CT_MAX_CONNS, BPF_F_MMAPABLE);
+BPF_TABLE("percpu_array", u32, u64, ct_stats, CT_STAT_MAX);
+#endif
+
+/* Egress ports: key ifindex, value ifindex. Declared by hand (not with
+ * BPF_DEVMAP) so the section can carry a pin path. */
+struct ct_tx_ports_table_t {
+	u32 key;
+	u32 leaf;
+	u64 (*redirect_map)(int, int);
+	u32 max_entries;
+};
+#ifdef CT_TX_PORTS_PIN
+__attribute__((section("maps/devmap:" CT_TX_PORTS_PIN)))
+#else
+__attribute__((section("maps/devmap")))
+#endif
+struct ct_tx_ports_table_t ct_tx_ports = { .max_entries = CT_TX_PORTS_MAX };
+
+#ifdef CT_TEST_HOOKS
+/* The verdict of the latest run: BPF_PROG_RUN without live frames does not
+ * expose where a redirect would have gone, so tests read it here. */
+struct ct_debug {
+	__u32 runs;     /* frames seen */
+	__u32 action;   /* XDP_* returned */
+	__u32 target;   /* redirect / XDP_TX ifindex, 0 when none */
+	__u32 stat;     /* enum ct_stat bumped */
+};
+BPF_ARRAY(ct_debug, struct ct_debug, 1);
+#endif
+
+/* bcc 0.26's helper list lacks it; the helper itself exists since 5.11. */
+static __u64 (*ct_ktime_coarse_ns)(void) = (void *)BPF_FUNC_ktime_get_coarse_ns;
+
+/* --- helpers ------------------------------------------------------------- */
+
+/* What parsing found; l3/l4 point into the packet, already bounds-checked. */
+struct ct_pkt {
+	void  *l3;
+	void  *l4;
+	__u32 ip_len;    /* IP datagram length (header + payload) */
+	__u8  ttl;       /* TTL / hop limit */
+	__u8  tcp_flags; /* TCP flag byte, 0 otherwise */
+};
+
+#define CT_TCP_FIN 0x01
+#define CT_TCP_RST 0x04
+#define CT_PARSED  (-1)  /* parse_* result meaning "key built, look it up" */
+
+static __always_inline int is_v6_ext(__u8 nexthdr)
+{
+	switch (nexthdr) {
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_AH:
+	case IPPROTO_DSTOPTS:
+	case 135: /* mobility */
+	case 139: /* HIP */
+	case 140: /* shim6 */
+	case 253: /* experiments */
+	case 254:
+		return 1;
+	}
+	return 0;
+}
+
+/* L4 of either family: fill the key's ports and the TCP flags.
+ * Returns CT_PARSED or the ct_stat to punt with. */
+static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, __u8 proto,
+				    __u32 l4_len, int v6, struct ct_flow_key *key,
+				    struct ct_pkt *pkt)
+{
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *th;
+
+		if (parse_tcphdr(nh, data_end, l4_len, &th) < 0)
+			return CT_STAT_PUNT_UNKNOWN;
+		key->sport = th->source;
+		key->dport = th->dest;
+		pkt->tcp_flags = ((__u8 *)th)[13];
+		pkt->l4 = th;
+		return CT_PARSED;
+	}
+	if (proto == IPPROTO_UDP) {
+		struct udphdr *uh;
+
+		if (parse_udphdr(nh, data_end, l4_len, &uh) < 0)
+			return CT_STAT_PUNT_UNKNOWN;
+		if (v6 && !uh->check)	/* invalid on IPv6: not ours to fix */
+			return CT_STAT_PUNT_UNKNOWN;
+		key->sport = uh->source;
+		key->dport = uh->dest;
+		pkt->l4 = uh;
+		return CT_PARSED;
+	}
+	if (proto == (v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP)) {
+		struct ct_icmp_echo *ic;
+		int type = parse_icmp_echo(nh, data_end, l4_len, &ic);
+
+		if (v6 ? (type != ICMPV6_ECHO_REQUEST && type != ICMPV6_ECHO_REPLY)
+		       : (type != ICMP_ECHO && type != ICMP_ECHOREPLY))
+			return CT_STAT_PUNT_UNKNOWN;	/* includes type == -1 */
+		key->sport = ic->id;
+		key->dport = ic->id;
+		pkt->l4 = ic;
+		return CT_PARSED;
+	}
+	return CT_STAT_PUNT_UNKNOWN;
+}
+
+static __always_inline int parse_v4(struct hdr_cursor *nh, void *data_end,
+				    struct ct_flow_key *key, struct ct_pkt *pkt)
+{
+	struct iphdr *iph;
+	int proto = parse_iphdr(nh, data_end, &iph);
+
+	if (proto < 0)
+		return CT_STAT_PUNT_UNKNOWN;
+	if (iph->ihl != 5)
+		return CT_STAT_PUNT_IPOPT;
+	if (iph->frag_off & CT_HTONS(CT_IP_MF | CT_IP_OFFSET))
+		return CT_STAT_PUNT_FRAG;
+	pkt->l3 = iph;
+	pkt->ip_len = CT_NTOHS(iph->tot_len);
+	pkt->ttl = iph->ttl;
+	key->family = CT_FAMILY_V4;
+	key->proto = proto;
+	key->src[0] = iph->saddr;
+	key->dst[0] = iph->daddr;
+	return parse_l4(nh, data_end, proto, pkt->ip_len - sizeof(*iph), 0, key, pkt);
+}
+
+static __always_inline int parse_v6(struct hdr_cursor *nh, void *data_end,
+				    struct ct_flow_key *key, struct ct_pkt *pkt)
+{
+	struct ipv6hdr *ip6h;
+	int proto = parse_ip6hdr(nh, data_end, &ip6h);
+
+	if (proto < 0)
+		return CT_STAT_PUNT_UNKNOWN;
+	if (proto == IPPROTO_FRAGMENT)
+		return CT_STAT_PUNT_FRAG;
+	if (is_v6_ext(proto))
+		return CT_STAT_PUNT_V6EXT;
+	pkt->l3 = ip6h;
+	pkt->ip_len = sizeof(*ip6h) + CT_NTOHS(ip6h->payload_len);
+	pkt->ttl = ip6h->hop_limit;
+	key->family = CT_FAMILY_V6;
+	key->proto = proto;
+	__builtin_memcpy(key->src, &ip6h->saddr, 16);
+	__builtin_memcpy(key->dst, &ip6h->daddr, 16);
+	return parse_l4(nh, data_end, proto, pkt->ip_len - sizeof(*ip6h), 1, key, pkt);
+}
+
+/* Best effort: flag the opposite direction's entry too. Its key is the
+ * rewritten tuple reversed, arriving on our egress port (symmetric routing);
+ * when that guess is wrong, userspace still tears both down from the one
+ * flag. Only runs for FIN/RST, so the extra lookup is off the hot path. */
+static __always_inline void flag_reverse(struct ct_flow_key *key, struct ct_flow_val *v)
+{
+	struct ct_flow_val *rv;
+	__be32 s[4], d[4];
+	__be16 sp = key->sport, dp = key->dport;
+
+	__builtin_memcpy(s, (v->flags & CT_F_SNAT) ? v->nat_src : key->src, 16);
+	__builtin_memcpy(d, (v->flags & CT_F_DNAT) ? v->nat_dst : key->dst, 16);
+	if (v->flags & CT_F_SNAT)
+		sp = v->nat_sport;
+	if (v->flags & CT_F_DNAT)
+		dp = v->nat_dport;
+	key->ifindex = v->out_ifindex;
+	__builtin_memcpy(key->src, d, 16);
+	__builtin_memcpy(key->dst, s, 16);
+	key->sport = dp;
+	key->dport = sp;
+	rv = ct_flows.lookup(key);
+	if (rv)
+		rv->flags |= CT_F_TEARDOWN;
+}
+
+/* L4 NAT: ports / echo id, then the checksum by the precomputed delta.
+ * The bound is re-checked per protocol: the verifier cannot tie the l4
+ * pointer's checked length to the protocol byte kept on the stack. */
+static __always_inline void nat_l4(void *l4, void *data_end, __u8 proto, __u32 flags,
+				   struct ct_flow_val *v)
+{
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > data_end)
+			return;
+		if (flags & CT_F_SNAT)
+			th->source = v->nat_sport;
+		if (flags & CT_F_DNAT)
+			th->dest = v->nat_dport;
+		th->check = csum_apply(th->check, v->l4_csum_delta);
+	} else if (proto == IPPROTO_UDP) {
+		struct udphdr *uh = l4;
+
+		if ((void *)(uh + 1) > data_end)
+			return;
+		if (flags & CT_F_SNAT)
+			uh->source = v->nat_sport;
+		if (flags & CT_F_DNAT)
+			uh->dest = v->nat_dport;
+		uh->check = csum_apply_udp(uh->check, v->l4_csum_delta);
+	} else {
+		struct ct_icmp_echo *ic = l4;
+
+		if ((void *)(ic + 1) > data_end)
+			return;
+		ic->id = (flags & CT_F_SNAT) ? v->nat_sport : v->nat_dport;
+		ic->checksum = csum_apply(ic->checksum, v->l4_csum_delta);
+	}
+}
+
+static __always_inline void rewrite_v4(struct ct_pkt *pkt, void *data_end, __u8 proto,
+				       struct ct_flow_val *v)
+{
+	struct iphdr *iph = pkt->l3;
+	__u32 flags = v->flags;
+
+	if (flags & CT_F_SNAT)
+		iph->saddr = v->nat_src[0];
+	if (flags & CT_F_DNAT)
+		iph->daddr = v->nat_dst[0];
+	iph->ttl--;
+	iph->check = csum_apply(iph->check, v->l3_csum_delta);
+	if (flags & (CT_F_SNAT | CT_F_DNAT))
+		nat_l4(pkt->l4, data_end, proto, flags, v);
+}
+
+static __always_inline void rewrite_v6(struct ct_pkt *pkt, void *data_end, __u8 proto,
+				       struct ct_flow_val *v)
+{
+	struct ipv6hdr *ip6h = pkt->l3;
+	__u32 flags = v->flags;
+
+	if (flags & CT_F_SNAT)
+		__builtin_memcpy(&ip6h->saddr, v->nat_src, 16);
+	if (flags & CT_F_DNAT)
+		__builtin_memcpy(&ip6h->daddr, v->nat_dst, 16);
+	ip6h->hop_limit--;
+	if (flags & (CT_F_SNAT | CT_F_DNAT))
+		nat_l4(pkt->l4, data_end, proto, flags, v);
+}
+
+static __always_inline void ct_count(__u32 idx)
+{
+	u64 *c = ct_stats.lookup(&idx);
+
+	if (c)
+		*c += 1;	/* per-CPU slot: no atomics needed */
+}
+
+/* Lookup, punt checks and forwarding of a parsed frame. Inlined once per
+ * family with v6 a constant, so each copy only touches the header whose
+ * bounds its own parser proved. */
+static __always_inline int ct_forward(struct xdp_md *ctx, void *data, void *data_end,
+				      struct ethhdr *eth, struct ct_flow_key *key,
+				      struct ct_pkt *pkt, const int v6, int *stat,
+				      __u32 *target)
+{
+	struct ct_flow_val *v;
+	__u32 out, slot;
+	__u64 now, *lu;
+	int act;
+
+	key->ifindex = ctx->ingress_ifindex;
+	v = ct_flows.lookup(key);
+	if (!v) {
+		*stat = CT_STAT_MISS;
+		return XDP_PASS;
+	}
+
+	if (pkt->tcp_flags & (CT_TCP_FIN | CT_TCP_RST)) {
+		v->flags |= CT_F_TEARDOWN;
+		flag_reverse(key, v);
+		*stat = CT_STAT_PUNT_FIN_RST;
+		return XDP_PASS;
+	}
+	if (pkt->ttl <= 1) {
+		*stat = CT_STAT_PUNT_TTL;
+		return XDP_PASS;
+	}
+	if (pkt->ip_len > v->mtu) {
+		*stat = CT_STAT_PUNT_MTU;
+		return XDP_PASS;
+	}
+
+	/* Reserve the egress first: bpf_redirect_map only records the target
+	 * (the redirect happens after we return), so a missing port can still
+	 * hand the slow path an untouched frame. */
+	out = v->out_ifindex;
+	if (out == ctx->ingress_ifindex) {
+		act = XDP_TX;
+	} else {
+		act = ct_tx_ports.redirect_map(out, XDP_PASS);
+		if (act != XDP_REDIRECT) {
+			*stat = CT_STAT_REDIRECT_ERR;
+			return XDP_PASS;
+		}
+	}
+
+	if (v6)
+		rewrite_v6(pkt, data_end, key->proto, v);
+	else
+		rewrite_v4(pkt, data_end, key->proto, v);
+	__builtin_memcpy(eth->h_dest, v->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, v->smac, ETH_ALEN);
+
+	/* Several CPUs may forward the same flow: atomic adds keep it exact. */
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, (__u64)(data_end - data));
+	now = ct_ktime_coarse_ns();
+	v->last_used = now;
+	slot = v->slot;
+	lu = ct_last_used.lookup(&slot);
+	if (lu)
+		*lu = now;
+
+	*stat = CT_STAT_HIT;
+	*target = out;
+	return act;
+}
+
+/* Everything but the final count; *stat says which counter to bump and
+ * *target where the frame goes. */
+static __always_inline int ct_process(struct xdp_md *ctx, int *stat, __u32 *target)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct hdr_cursor nh = { .pos = data };
+	struct ct_flow_key key = {};
+	struct ct_pkt pkt = {};
+	struct ethhdr *eth;
+	int r;
+
+	r = parse_ethhdr(&nh, data_end, &eth);
+	if (r == CT_HTONS(ETH_P_IP)) {
+		r = parse_v4(&nh, data_end, &key, &pkt);
+		if (r == CT_PARSED)
+			return ct_forward(ctx, data, data_end, eth, &key, &pkt, 0, stat, target);
+	} else if (r == CT_HTONS(ETH_P_IPV6)) {
+		r = parse_v6(&nh, data_end, &key, &pkt);
+		if (r == CT_PARSED)
+			return ct_forward(ctx, data, data_end, eth, &key, &pkt, 1, stat, target);
+	} else {
+		r = CT_STAT_PUNT_UNKNOWN;
+	}
+	*stat = r;
+	return XDP_PASS;
+}
+
+int ct_offload_xdp(struct xdp_md *ctx)
+{
+	int stat = CT_STAT_PUNT_UNKNOWN;
+	__u32 target = 0;
+	int act = ct_process(ctx, &stat, &target);
+
+	ct_count(stat);
+#ifdef CT_TEST_HOOKS
+	{
+		int zero = 0;
+		struct ct_debug *dbg = ct_debug.lookup(&zero);
+
+		if (dbg) {
+			dbg->runs++;
+			dbg->action = act;
+			dbg->target = target;
+			dbg->stat = stat;
+		}
+	}
+#endif
+	return act;
+}
