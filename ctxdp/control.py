@@ -29,6 +29,8 @@ Contract:
   (nobody listening); a live server, or a path that is not a socket, makes
   ``start()`` raise ``ControlError``. ``close()`` unlinks the file only if it
   is still the one this server bound.
+- ``check_args`` / ``int_arg`` / ``bool_arg`` validate request arguments in
+  a handler and raise ``ControlError`` with a one-line message.
 - ``ControlClient(path).call(cmd, **args)`` returns the result, raises
   ``ControlError`` for an error response and ``OSError`` when the daemon
   cannot be reached or hangs up.
@@ -54,6 +56,9 @@ __all__ = [
     "ControlError",
     "ControlServer",
     "Handler",
+    "bool_arg",
+    "check_args",
+    "int_arg",
 ]
 
 log = logging.getLogger("ctxdp.control")
@@ -70,6 +75,34 @@ class ControlError(Exception):
 
 class Handler(Protocol):
     def handle(self, cmd: str, args: dict[str, Any]) -> Any: ...
+
+
+def check_args(cmd: str, args: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Reject argument names a command does not take (typos must not be ignored)."""
+    extra = sorted(set(args) - set(allowed))
+    if extra:
+        want = ", ".join(allowed) or "none"
+        raise ControlError(f"{cmd}: unknown argument(s) {', '.join(extra)} (takes: {want})")
+
+
+def int_arg(args: dict[str, Any], name: str, lo: int, hi: int, default: int | None = None):
+    """``args[name]`` as an int in ``lo..hi``, or ``default`` when absent/null."""
+    v = args.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ControlError(f"{name}: expected an integer {lo}..{hi}, got {json.dumps(v)}")
+    return v
+
+
+def bool_arg(args: dict[str, Any], name: str, default: bool | None = None):
+    """``args[name]`` as a bool, or ``default`` when absent/null."""
+    v = args.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ControlError(f"{name}: expected true or false, got {json.dumps(v)}")
+    return v
 
 
 def _one_line(s: str) -> str:

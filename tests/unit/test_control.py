@@ -15,7 +15,14 @@ import time
 
 import pytest
 
-from ctxdp.control import ControlClient, ControlError, ControlServer
+from ctxdp.control import (
+    ControlClient,
+    ControlError,
+    ControlServer,
+    bool_arg,
+    check_args,
+    int_arg,
+)
 
 
 class Handler:
@@ -284,3 +291,18 @@ def test_other_users_are_refused(server):
     assert json.loads(as_nobody()) == {"ok": False, "error": "permission denied"}
     assert server.stats["rejected"] == 1
     assert server.test_handler.calls == []
+
+
+def test_argument_helpers():
+    """Handler argument helpers accept good values and reject bad ones in one line."""
+    assert int_arg({"zone": 3}, "zone", 0, 65535) == 3
+    assert int_arg({}, "zone", 0, 65535) is None and int_arg({"zone": None}, "zone", 0, 9, 7) == 7
+    for bad in ("3", True, -1, 70000, 1.5):
+        with pytest.raises(ControlError, match="zone: expected an integer 0..65535"):
+            int_arg({"zone": bad}, "zone", 0, 65535)
+    assert bool_arg({"enabled": False}, "enabled") is False
+    with pytest.raises(ControlError, match='enabled: expected true or false, got "yes"'):
+        bool_arg({"enabled": "yes"}, "enabled")
+    check_args("flush", {"zone": 1}, ("zone",))
+    with pytest.raises(ControlError, match=r"flush: unknown argument\(s\) zon \(takes: zone\)"):
+        check_args("flush", {"zon": 1}, ("zone",))
