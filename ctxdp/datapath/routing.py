@@ -11,12 +11,14 @@ Contract:
   ``broadcast`` and friends are the kernel's business. ``Route.next_hop``
   is the gateway, or ``dst`` itself for a directly connected destination:
   that is the address to look up in the neighbour table, on ``oif``.
-- Route, rule, address and link events invalidate the affected part of the
-  cache. At the end of each event burst (``Netlink.on_drained``) every
-  affected destination that was cached is looked up again, and each
-  ``on_change(fn)`` callback gets ``fn(family, dst, old, new)`` for every
-  destination whose forwarding decision changed (``old``/``new`` may be
-  ``None``). The offload layer uses it to withdraw or rewrite flows whose
+- Route events invalidate cached destinations inside the changed prefix;
+  rule and address changes the whole family; a link that stops being usable
+  (down, no carrier, removed) or changes MTU the destinations routed through
+  it; a link that becomes usable everything. At the end of each event
+  burst (``Netlink.on_drained``) every affected destination that was cached
+  is looked up again, and each ``on_change(fn)`` callback gets
+  ``fn(family, dst, old, new)`` for every destination whose forwarding
+  decision changed (``old``/``new`` may be ``None``). The offload layer uses it to withdraw or rewrite flows whose
   egress moved. Revalidation costs one kernel round trip (about 0.2 ms)
   per affected cached destination.
 
@@ -82,6 +84,8 @@ _NO_ROUTE_TYPES = {RTN_BLACKHOLE, RTN_UNREACHABLE, RTN_PROHIBIT, RTN_THROW}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
 _BITS = {4: 32, 6: 128}
+_IFF_UP = 0x1
+_IFF_RUNNING = 0x40
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +158,15 @@ class Router:
         self._cache: dict[tuple[int, bytes], Route | None] = {}
         self._callbacks: list[RouteCallback] = []
         # Invalidation pending revalidation at the end of the event burst:
-        # (family, prefix as int, prefix length); family 0 = everything.
+        # prefixes (family, prefix as int, prefix length), egress ifindexes,
+        # or everything.
         self._dirty: list[tuple[int, int, int]] = []
+        self._dirty_oifs: set[int] = set()
+        self._dirty_all = False
+        # Last seen (usable, mtu) per link and the address records, to tell
+        # real changes from re-announcements.
+        self._links: dict[int, tuple[bool, int]] = {}
+        self._addrs: set[tuple[int, str, int]] = set()
         self.stats = {
             "lookups": 0,
             "hits": 0,
@@ -170,13 +181,15 @@ class Router:
             nl.subscribe(t, self._on_route)
         for t in (RTM_NEWRULE, RTM_DELRULE):
             nl.subscribe(t, self._on_rule)
-        # Addresses add/remove connected and local routes; link state decides
-        # whether routes through a device are usable. IPv4 even removes
-        # routes of a downed device without any RTM_DELROUTE, so link events
-        # must invalidate too.
-        for t in (RTM_NEWADDR, RTM_DELADDR, RTM_NEWLINK, RTM_DELLINK):
-            nl.subscribe(t, self._on_any)
+        # Link state decides whether routes through a device are usable, and
+        # IPv4 removes the routes of a downed device without any
+        # RTM_DELROUTE, so link events must invalidate too.
+        for t in (RTM_NEWLINK, RTM_DELLINK):
+            nl.subscribe(t, self._on_link)
+        for t in (RTM_NEWADDR, RTM_DELADDR):
+            nl.subscribe(t, self._on_addr)
         nl.on_resync(self._on_resync)
+        self._snapshot()
         nl.on_drained(self.revalidate)
 
     # -- lookups -----------------------------------------------------------
@@ -233,9 +246,17 @@ class Router:
 
     # -- invalidation --------------------------------------------------------
     def invalidate(self, family: int = 0, prefix: bytes = b"", plen: int = 0) -> None:
-        """Mark cached results inside ``prefix/plen`` (all with family 0) stale."""
+        """Mark cached results inside ``prefix/plen`` (everything with family 0) stale."""
         self.stats["invalidations"] += 1
-        self._dirty.append((family, int.from_bytes(prefix, "big") if prefix else 0, plen))
+        if family == 0:
+            self._dirty_all = True
+        else:
+            self._dirty.append((family, int.from_bytes(prefix, "big") if prefix else 0, plen))
+
+    def invalidate_oif(self, ifindex: int) -> None:
+        """Mark cached results whose egress is ``ifindex`` stale."""
+        self.stats["invalidations"] += 1
+        self._dirty_oifs.add(ifindex)
 
     def _on_route(self, msg: Any) -> None:
         family = _FAMILY.get(msg["family"])
@@ -248,20 +269,71 @@ class Router:
     def _on_rule(self, msg: Any) -> None:
         self.invalidate(_FAMILY.get(msg["family"], 0))
 
-    def _on_any(self, msg: Any) -> None:
-        self.invalidate()
+    @staticmethod
+    def _link_key(msg: Any) -> tuple[bool, int]:
+        flags = msg["flags"]
+        return bool(flags & _IFF_UP and flags & _IFF_RUNNING), msg.get_attr("IFLA_MTU") or 0
+
+    def _on_link(self, msg: Any) -> None:
+        # RTM_NEWLINK is frequent and mostly irrelevant; only usability and
+        # MTU matter. A link that stops being usable (or goes away) can only
+        # affect destinations routed through it; one that becomes usable may
+        # attract any destination, so that revalidates everything.
+        ifindex = msg["index"]
+        old = self._links.pop(ifindex, None)
+        if msg["header"]["type"] == RTM_DELLINK:
+            self.invalidate_oif(ifindex)
+            return
+        new = self._link_key(msg)
+        self._links[ifindex] = new
+        if old == new:
+            return
+        if old is None or (new[0] and not old[0]):
+            self.invalidate()
+        else:
+            self.invalidate_oif(ifindex)
+
+    def _on_addr(self, msg: Any) -> None:
+        # Addresses bring connected/local routes (which have their own
+        # events) and change source selection (which does not). IPv6
+        # re-announces addresses on lifetime updates: ignore those.
+        family = _FAMILY.get(msg["family"])
+        if family is None:
+            return
+        rec = (msg["index"], msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"),
+               msg["prefixlen"])
+        if msg["header"]["type"] == RTM_NEWADDR:
+            if rec in self._addrs:
+                return
+            self._addrs.add(rec)
+        else:
+            self._addrs.discard(rec)
+        self.invalidate(family)
+
+    def _snapshot(self) -> None:
+        self._links = {m["index"]: self._link_key(m) for m in self._nl.ipr.link("dump")}
+        self._addrs = {
+            (m["index"], m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"), m["prefixlen"])
+            for m in self._nl.ipr.addr("dump")
+        }
 
     def _on_resync(self) -> None:
+        self._snapshot()
         self.invalidate()
 
     def _affected(self) -> list[tuple[int, bytes]]:
         dirty, self._dirty = self._dirty, []
-        if not dirty:
+        oifs, self._dirty_oifs = self._dirty_oifs, set()
+        everything, self._dirty_all = self._dirty_all, False
+        if everything or len(dirty) > 64:
+            return list(self._cache)  # a non-prefix change or a big burst
+        if not dirty and not oifs:
             return []
-        if len(dirty) > 64 or any(f == 0 for f, _, _ in dirty):
-            return list(self._cache)  # a big burst or a non-prefix change
         out = []
-        for key in self._cache:
+        for key, route in self._cache.items():
+            if route is not None and route.oif in oifs:
+                out.append(key)
+                continue
             family, dst = key
             bits = _BITS[family]
             value = int.from_bytes(dst, "big")

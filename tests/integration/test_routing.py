@@ -104,19 +104,26 @@ def _invalidation() -> dict:
     assert r.lookup(4, dst4) is None
 
     # IPv4 drops routes through a downed device without RTM_DELROUTE; the
-    # link event alone must invalidate the connected destination.
+    # link event alone must invalidate the connected destination, and only
+    # destinations routed through that link are asked again.
+    via_p0 = _a("10.0.1.2")
+    assert r.lookup(4, via_p0).oif == p0
+    queried: list = []
+    real_query = r._query
+    r._query = lambda fam, dst: queried.append(dst) or real_query(fam, dst)
     changes.clear()
     _ip("link", "set", "p1", "down")
     assert topo_mod.pump(nl, lambda: any(c[1] == other for c in changes))
     assert [c[3] for c in changes if c[1] == other] == [None]
+    assert via_p0 not in queried and dst4 not in queried
     nl.close()
     return {}
 
 
 def test_cache_invalidates_and_reports_changes(topo):
     """Adding, replacing and deleting a route, and downing a port, each report
-    (family, dst, old, new) for exactly the affected cached destinations and update
-    the cache."""
+    (family, dst, old, new) for the affected cached destinations, update the cache,
+    and leave destinations outside the change alone."""
     topo.router.run(_invalidation)
 
 
