@@ -12,7 +12,9 @@ Contract:
   and ``reply`` decode ``FlowTuple`` views on demand. This keeps a tracked
   connection well under 1 KiB, which matters at a million connections.
 - ``pkts`` / ``bytes`` are ``[orig, reply]`` lists, ``ext`` is created on
-  first use, TCP peer state lives inline in ``TcpConn`` slots.
+  first use, TCP peer state lives inline in ``TcpConn`` slots. The zone is
+  read from the key; ``helper``/``parent``/``children`` (ALG relations, rare)
+  are kept in ``ext`` under ``_``-prefixed names.
 """
 
 from __future__ import annotations
@@ -128,7 +130,6 @@ class Conn:
     __slots__ = (
         "key",  # packed original-direction key (includes the zone)
         "rkey",  # packed reply-direction key, after NAT
-        "zone",
         "handler",  # the ProtoHandler that owns pstate
         "pstate",  # protocol state index into handler.states
         "expires",
@@ -138,9 +139,6 @@ class Conn:
         "nat",  # None or NatInfo
         "ext",  # None until a module stores something
         "seq_check",
-        "helper",
-        "parent",
-        "children",
         "pkts",
         "bytes",
         "_tslot",  # expiry bucket this conn is filed in, None when unfiled
@@ -150,7 +148,6 @@ class Conn:
     def __init__(self, handler: ProtoHandler, now: float) -> None:
         self.key = b""
         self.rkey = b""
-        self.zone = 0
         self.handler = handler
         self.pstate = 0
         self.expires = now
@@ -160,9 +157,6 @@ class Conn:
         self.nat: NatInfo | None = None
         self.ext: dict[str, Any] | None = None
         self.seq_check = True
-        self.helper: str | None = None
-        self.parent: Conn | None = None
-        self.children = 0
         self.pkts = [0, 0]
         self.bytes = [0, 0]
         self._tslot: float | None = None
@@ -178,6 +172,44 @@ class Conn:
     def reply(self) -> FlowTuple:
         """Reply-direction tuple as it appears on the wire (after NAT)."""
         return tuple_of_key(self.rkey)
+
+    @property
+    def zone(self) -> int:
+        """Conntrack zone (stored in the key)."""
+        k = self.key
+        return (k[0] << 8) | k[1]
+
+    # ALG relations are rare, so they live in ``ext`` instead of costing
+    # three slots on every connection.
+    @property
+    def helper(self) -> str | None:
+        """ALG helper name, or None."""
+        e = self.ext
+        return None if e is None else e.get("_helper")
+
+    @helper.setter
+    def helper(self, name: str | None) -> None:
+        self.ext_dict()["_helper"] = name
+
+    @property
+    def parent(self) -> Conn | None:
+        """Master connection of a related (expected) connection, or None."""
+        e = self.ext
+        return None if e is None else e.get("_parent")
+
+    @parent.setter
+    def parent(self, conn: Conn | None) -> None:
+        self.ext_dict()["_parent"] = conn
+
+    @property
+    def children(self) -> int:
+        """Number of live related connections whose ``parent`` is this one."""
+        e = self.ext
+        return 0 if e is None else e.get("_children", 0)
+
+    @children.setter
+    def children(self, n: int) -> None:
+        self.ext_dict()["_children"] = n
 
     @property
     def proto(self) -> int:

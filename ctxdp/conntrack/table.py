@@ -327,7 +327,6 @@ class ConnTracker:
         conn = h.new_conn(pkt, now)
         conn.key = key
         conn.rkey = rkey
-        conn.zone = zone
         conn.nat = info
         conn.seq_check = True
         if mark is not None:
@@ -415,9 +414,10 @@ class ConnTracker:
         if reason == "expired":
             st.expired += 1
         st.deleted_reasons[reason] = st.deleted_reasons.get(reason, 0) + 1
-        parent = conn.parent
-        if parent is not None and parent.children > 0:
-            parent.children -= 1
+        if conn.ext is not None:
+            parent = conn.parent
+            if parent is not None and parent.children > 0:
+                parent.children -= 1
         if self._obs:
             self._notify("on_deleted", conn, now, reason)
 

@@ -58,3 +58,29 @@ def test_conn_views_decode_keys():
     assert c.orig == t and c.reply == t.reverse() and c.proto == 47 and c.family == 4
     assert c.state_name == "FIRST" and c.timeout_name == "other_first" and c.alive
     assert "proto=47" in repr(c)
+
+
+def test_alg_relations_live_in_ext():
+    """helper/parent/children read as None/None/0 without ext and round-trip through it."""
+    h = OtherHandler(CtConfig())
+    master, child = Conn(h, 0.0), Conn(h, 0.0)
+    assert (child.helper, child.parent, master.children) == (None, None, 0)
+    assert child.ext is None and master.ext is None
+    child.helper = "ftp"
+    child.parent = master
+    master.children += 1
+    assert (child.helper, child.parent, master.children) == ("ftp", master, 1)
+
+
+def test_deleting_related_child_decrements_parent():
+    """Deleting a connection with a parent decrements the parent's children count."""
+    from ctxdp.conntrack import ConnTracker
+    from tests.unit.ctutil import P, udp
+
+    ct = ConnTracker()
+    m = ct.execute(P(udp("10.0.0.1", "10.0.0.2", 21, 21)), 0, 0.0, commit=True).conn
+    c = ct.execute(P(udp("10.0.0.1", "10.0.0.2", 20, 20)), 0, 0.0, commit=True).conn
+    c.parent = m
+    m.children = 1
+    ct.delete(c, 1.0)
+    assert m.children == 0
