@@ -9,6 +9,10 @@
  * (atomic, like ct_offload's) and redirect through a devmap; everything else
  * is XDP_PASS. It is deliberately the least a forwarder can do, so the ratio
  * ct_offload/ref_fwd is the price of conntrack offload features.
+ * Its egress map is the same kind ct_offload uses (a DEVMAP_HASH keyed by
+ * ifindex, which bcc 0.26 cannot declare: the bench creates it, pins it and
+ * passes -DREF_TX_PIN="path"), so the comparison is about conntrack
+ * features, not map types. Without REF_TX_PIN it falls back to a DEVMAP.
  * Compiled by bcc at run time (bench only; never loaded by the daemon).
  */
 #include <uapi/linux/bpf.h>
@@ -22,17 +26,28 @@ struct ref_key {
 	__be16 sport;
 	__be16 dport;
 	__u32 proto;     /* u8 value, widened so the key has no padding */
-} __attribute__((packed));
+};
 
 struct ref_val {
 	__u32 out_ifindex;
 	__u8 smac[6];
 	__u8 dmac[6];
 	__u64 packets;
-} __attribute__((packed));
+};
 
 BPF_HASH(ref_flows, struct ref_key, struct ref_val, 1024);
+#ifdef REF_TX_PIN
+struct ref_tx_ports_table_t {
+	u32 key;
+	u32 leaf;
+	u64 (*redirect_map)(int, int);
+	u32 max_entries;
+};
+__attribute__((section("maps/devmap:" REF_TX_PIN)))
+struct ref_tx_ports_table_t ref_tx_ports = { .max_entries = 256 };
+#else
 BPF_DEVMAP(ref_tx_ports, 256);  /* keyed by egress ifindex (< 256 here) */
+#endif
 
 /* Cursor contract: returns the L4 protocol with *l4 pointing past the IPv4
  * header, or -1 when the frame is not a well-formed IPv4 packet. */

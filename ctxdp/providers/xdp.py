@@ -58,6 +58,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,16 +94,26 @@ _BYTES_Q = L.VAL_OFF["bytes"] // 8
 _LAST_Q = L.VAL_OFF["last_used"] // 8
 
 
+#: A map key as the indexes hold it: (ingress ifindex, FlowTuple), the same
+#: value ``xdp_layout.unpack_key`` decodes from the kernel's bytes.
+Key = tuple[int, Any]
+_DUP = object()  # _prepare_special: the connection is already in this run
+
+
 class _Held:
-    """One connection's footprint in the map: its slot, the two keys written,
-    and its ctx (None for an orphan adopted from a previous run)."""
+    """One connection's footprint in the map: its slot, the keys written, its
+    ctx (None for an orphan adopted from a previous run) and the ADD run
+    (``gen``) that last wrote it."""
 
-    __slots__ = ("slot", "keys", "ctx")
+    __slots__ = ("slot", "keys", "ctx", "gen")
 
-    def __init__(self, slot: int, keys: tuple[bytes, ...], ctx: OffloadCtx | None) -> None:
+    def __init__(
+        self, slot: int, keys: tuple[Key, ...], ctx: OffloadCtx | None, gen: int = 0
+    ) -> None:
         self.slot = slot
         self.keys = keys
         self.ctx = ctx
+        self.gen = gen
 
 
 @dataclass(slots=True, frozen=True)
@@ -187,6 +198,9 @@ class XdpProvider(Provider):
         self._kbuf = bytearray(_KS * 2)
         self._vbuf = bytearray(_VS * 2)
         self._has_batch = True
+        self._has_del_batch = True
+        self._gen = 0
+        self._pool: ThreadPoolExecutor | None = None
         self._pins_before: set[str] = set()
         self._c = dict.fromkeys(
             (
@@ -399,6 +413,9 @@ class XdpProvider(Provider):
         self._free = array.array("I", range(self.max_conns - 1, -1, -1))
 
     def _release(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._lu is not None:
             self._lu.release()
             self._lu = None
@@ -502,12 +519,13 @@ class XdpProvider(Provider):
 
     def _adopt(self) -> None:
         """Rebuild the slot allocator and key index from what is pinned."""
-        by_slot: dict[int, list[bytes]] = {}
-        bad: list[bytes] = []
+        by_slot: dict[int, list[Key]] = {}
+        bad: list[Key] = []
+        unpack = L.unpack_key
         for keys, vals, n in self._scan():
             slots = memoryview(vals)[: n * _VS].cast("I")[_SLOT_I::_V32].tolist()
             for i, s in enumerate(slots):
-                k = bytes(keys[i * _KS : (i + 1) * _KS])
+                k = unpack(keys, i * _KS)
                 if s >= self.max_conns:
                     bad.append(k)
                 else:
@@ -524,7 +542,7 @@ class XdpProvider(Provider):
             used.add(s)
         self._n_orphans = len(used)
         if bad:
-            self._delete_keys(bad)
+            self._delete(bad)
         self._free = array.array(
             "I", (s for s in range(self.max_conns - 1, -1, -1) if s not in used)
         )
@@ -533,50 +551,53 @@ class XdpProvider(Provider):
             log.info("xdp: adopted %d offloaded connections from %s", self._n_orphans, self.pin_dir)
 
     def _flush_map(self) -> int:
-        """Delete every entry of ct_flows; returns how many."""
-        keys: list[bytes] = []
-        for kb, _v, n in self._scan():
-            keys.extend(bytes(kb[i * _KS : (i + 1) * _KS]) for i in range(n))
-        return self._delete_keys(keys)
+        """Delete every entry of ct_flows (ours or not); returns how many."""
+        chunks = [bytes(kb[: n * _KS]) for kb, _v, n in self._scan()]
+        return self._delete_raw(b"".join(chunks))
 
-    def _delete_keys(self, keys: list[bytes]) -> int:
+    def _delete(self, keys: list[Key]) -> int:
+        """Delete the entries of ``keys`` ((ifindex, FlowTuple)); absent ones are skipped."""
         if not keys:
             return 0
-        buf = b"".join(keys)
-        try:
-            return bpfsys.map_delete_batch(
-                self._flows_fd, buf, len(keys), key_size=_KS, ignore_missing=True
-            )
-        except OSError as exc:
-            if exc.errno != errno.EINVAL or self._has_batch is False:
-                raise
-        n = 0  # kernel without BPF_MAP_DELETE_BATCH
-        for k in keys:
-            n += bpfsys.map_delete(self._flows_fd, k)
-        return n
+        buf = bytearray(len(keys) * _KS)
+        pk = L.pack_key_into
+        for i, (ifindex, t) in enumerate(keys):
+            pk(buf, i * _KS, ifindex, t)
+        return self._delete_raw(buf)
+
+    def _delete_raw(self, buf) -> int:
+        n = len(buf) // _KS
+        if not n:
+            return 0
+        if self._has_del_batch:
+            try:
+                return bpfsys.map_delete_batch(
+                    self._flows_fd, buf, n, key_size=_KS, ignore_missing=True
+                )
+            except bpfsys.BatchError as exc:
+                if exc.errno != errno.EINVAL or exc.done:
+                    raise
+                # EINVAL before any key: no BPF_MAP_DELETE_BATCH (pre-5.6).
+                self._has_del_batch = False
+        mv = memoryview(buf)
+        return sum(bpfsys.map_delete(self._flows_fd, mv[i * _KS : (i + 1) * _KS]) for i in range(n))
 
     def reap_orphans(self) -> int:
         """Delete adopted entries no conn_add claimed; returns connections reaped."""
-        orphans = [h for h in self._owner.values() if h.ctx is None]
-        seen: set[int] = set()
-        keys: list[bytes] = []
-        for h in orphans:
-            if id(h) in seen:
-                continue
-            seen.add(id(h))
-            keys.extend(h.keys)
+        orphans = list({id(h): h for h in self._owner.values() if h.ctx is None}.values())
         try:
-            self._delete_keys(keys)
+            self._delete([k for h in orphans for k in h.keys])
         except OSError as exc:
             raise ProviderError(_errno_of(exc), f"reaping orphans: {exc}") from exc
-        for h in {id(h): h for h in orphans}.values():
+        for h in orphans:
             self._forget(h)
-        self._c["orphans_reaped"] += len(seen)
-        return len(seen)
+        self._c["orphans_reaped"] += len(orphans)
+        return len(orphans)
 
     # --- slot / index bookkeeping ----------------------------------------------------
 
     def _forget(self, h: _Held) -> None:
+        """Drop ``h`` from every index and free its slot (no kernel call)."""
         for k in h.keys:
             if self._owner.get(k) is h:
                 del self._owner[k]
@@ -587,112 +608,68 @@ class XdpProvider(Provider):
             self._n_orphans -= 1
         else:
             self._n_held -= 1
-            h.ctx.priv.pop(_PRIV, None)
+            if h.ctx.priv.get(_PRIV) is h:
+                del h.ctx.priv[_PRIV]
 
-    def _plan(self, ctx: OffloadCtx, pending: dict[bytes, Any]) -> tuple[int, Any]:
-        """Decide an ADD: (0, (held_or_None, slot, k0, k1, claimed)) or (errno, None).
+    def _reap(self, o: _Held) -> None:
+        """Remove an orphan now (its keys collide with a new connection's)."""
+        self._delete(list(o.keys))
+        self._forget(o)
+        self._c["orphans_reaped"] += 1
 
-        ``pending`` holds keys earlier ADDs of the same batch will write.
-        """
-        d0, d1 = ctx.dirs
-        if d0 is None or d1 is None or not d0.resolved or not d1.resolved:
-            self._c["eagain"] += 1
-            return errno.EAGAIN, None
-        k0 = L.pack_key(d0.in_ifindex, d0.match)
-        k1 = L.pack_key(d1.in_ifindex, d1.match)
+    def _prepare_special(
+        self, ctx: OffloadCtx, held: _Held | None, k0: Key, k1: Key, o0: Any, o1: Any
+    ) -> Any:
+        """The uncommon ADD cases: rewrite of a held connection, claim of an
+        adopted orphan, key owned by someone else, same connection twice in
+        one run. Returns an errno, ``_DUP``, or (holder, undo info)."""
+        if held is not None and held.gen == self._gen:
+            return _DUP
         if k0 == k1:
-            return errno.EINVAL, None
-        held = ctx.priv.get(_PRIV)
-        claimed = None
-        for k in (k0, k1):
-            o = self._owner.get(k)
-            if o is not None and o is not held:
-                if o.ctx is None:
-                    claimed = o if claimed is None or claimed is o else False
-                else:
-                    self._c["eexist"] += 1
-                    return errno.EEXIST, None
-            p = pending.get(k)
-            if p is not None and p is not ctx:
+            return errno.EINVAL
+        claim = None
+        for o in (o0, o1):
+            if o is None or o is held:
+                continue
+            if o.ctx is not None:
                 self._c["eexist"] += 1
-                return errno.EEXIST, None
-        if claimed is False:  # keys of two different orphans: reap both, new slot
-            claimed = None
-            for k in (k0, k1):
-                o = self._owner.get(k)
-                if o is not None and o.ctx is None:
-                    self._delete_keys(list(o.keys))
-                    self._forget(o)
-        if held is not None:
-            slot = held.slot
-        elif claimed is not None:
-            slot = claimed.slot
-        elif self._free:
-            slot = self._free.pop()
-            self._lu[slot] = 0  # a fresh connection has never been seen
-        else:
-            self._c["enospc"] += 1
-            return errno.ENOSPC, None
-        pending[k0] = ctx
-        pending[k1] = ctx
-        return 0, (held, slot, k0, k1, claimed)
-
-    def _commit(self, ctx: OffloadCtx, plan: Any) -> None:
-        """Record a planned ADD whose two entries are now in the map."""
-        held, slot, k0, k1, claimed = plan
-        if held is not None:
-            stale = [k for k in held.keys if k not in (k0, k1)]
-            if stale:
-                self._delete_keys(stale)
-            for k in held.keys:
+                return errno.EEXIST
+            if claim is None and held is None:
+                claim = o
+            elif o is not claim:
+                self._reap(o)
+        if held is not None:  # rewrite in place: same slot, last-used kept
+            old = held.keys
+            for k in old:
                 if self._owner.get(k) is held:
                     del self._owner[k]
             held.keys = (k0, k1)
             self._owner[k0] = self._owner[k1] = held
+            held.gen = self._gen
             self._c["rewrites"] += 1
-            return
-        if claimed is not None:
-            # An orphan of the previous run becomes this connection: same
-            # slot (its last-used stamp stays valid), keys rewritten.
-            stale = [k for k in claimed.keys if k not in (k0, k1)]
-            if stale:
-                self._delete_keys(stale)
-            for k in claimed.keys:
-                if self._owner.get(k) is claimed:
+            return held, old
+        if claim is not None:  # an orphan of the previous run becomes ctx
+            for k in claim.keys:
+                if self._owner.get(k) is claim:
                     del self._owner[k]
             self._n_orphans -= 1
             self._c["claimed"] += 1
-        h = _Held(slot, (k0, k1), ctx)
+            old = claim.keys
+            slot = claim.slot
+        else:
+            if not self._free:
+                self._c["enospc"] += 1
+                return errno.ENOSPC
+            old = ()
+            slot = self._free.pop()
+            self._lu[slot] = 0  # type: ignore[index]
+        h = _Held(slot, (k0, k1), ctx, self._gen)
         self._owner[k0] = self._owner[k1] = h
         self._by_slot[slot] = h
         ctx.priv[_PRIV] = h
         self._n_held += 1
         self._c["adds"] += 1
-
-    def _abort(self, ctx: OffloadCtx, plan: Any, wrote_first: bool) -> None:
-        """Undo a planned ADD that failed: no entry of ``ctx`` may stay."""
-        held, slot, k0, k1, claimed = plan
-        if wrote_first or held is not None or claimed is not None:
-            # Entry 0 may be new, or an old entry now half rewritten: remove
-            # the connection's entries entirely rather than leave a mix.
-            keys = {k0, k1}
-            if held is not None:
-                keys.update(held.keys)
-            if claimed is not None:
-                keys.update(claimed.keys)
-            try:
-                self._delete_keys(sorted(keys))
-            except OSError as exc:
-                log.error("xdp: rollback of a half-written connection failed: %s", exc)
-            self._c["rollbacks"] += wrote_first
-            if held is not None:
-                self._forget(held)
-            elif claimed is not None:
-                self._forget(claimed)
-            else:
-                self._free.append(slot)
-        else:
-            self._free.append(slot)
+        return h, old
 
     # --- the hooks ---------------------------------------------------------------------
 
@@ -745,7 +722,7 @@ class XdpProvider(Provider):
         return [v / 1e9 if v else None for v in ns]
 
     def flush(self) -> int:
-        """Delete every entry this provider installed (and adopted)."""
+        """Delete every entry of ct_flows and forget every connection."""
         if self._bpf is None:
             return self._not_started()
         try:
@@ -766,7 +743,7 @@ class XdpProvider(Provider):
             j = i + 1
             while j < n and ops[j].kind is kind:
                 j += 1
-            run = ops[i:j]
+            run = ops[i:j] if i or j < n else ops
             if self._bpf is None:
                 for op in run:
                     op.err = self._not_started()
@@ -802,72 +779,175 @@ class XdpProvider(Provider):
                 op.err = 0
                 op.result = v / 1e9 if v else None
 
-    def _add_run(self, run: list[Op]) -> None:
-        """Plan every ADD, pack the survivors into one buffer, one syscall."""
-        pending: dict[bytes, Any] = {}
-        planned: list[tuple[Op, Any]] = []
-        first: dict[int, Op] = {}  # id(ctx) -> its first ADD in this run
-        dups: list[tuple[Op, Op]] = []
-        for op in run:
-            f = first.get(id(op.ctx))
-            if f is not None:  # the same connection twice: one write serves both
-                dups.append((op, f))
-                continue
-            first[id(op.ctx)] = op
-            try:
-                err, plan = self._plan(op.ctx, pending)  # type: ignore[arg-type]
-            except OSError as exc:
-                err, plan = _errno_of(exc), None
-            op.err = err
-            if plan is not None:
-                planned.append((op, plan))
-        if planned:
-            self._write_planned(planned)
-        for op, f in dups:
-            op.err = f.err
+    #: ADD runs at least this many connections long are written in chunks of
+    #: this size by a helper thread while the caller packs the next chunk:
+    #: the GIL is released during bpf(2), so kernel inserts (about half a
+    #: microsecond per entry) overlap Python's packing.
+    PIPELINE_CHUNK = 8192
 
-    def _write_planned(self, planned: list[tuple[Op, Any]]) -> None:
-        m = len(planned)
-        need = 2 * m
+    def _add_run(self, run: list[Op]) -> None:
+        """Index, pack and write a run of ADDs (one update-batch per chunk).
+
+        The common case (a new connection whose keys nobody owns) is inlined:
+        this loop is what the batched install rate rests on. Index changes are
+        made optimistically and undone for the connections the kernel
+        refused, so every op ends either fully installed or absent.
+        """
+        self._gen += 1
+        gen = self._gen
+        need = 2 * len(run)
         if len(self._kbuf) < need * _KS:
             self._kbuf = bytearray(need * _KS)
             self._vbuf = bytearray(need * _VS)
         kbuf, vbuf = self._kbuf, self._vbuf
+        owner, free, lu, by_slot = self._owner, self._free, self._lu, self._by_slot
+        setdefault = owner.setdefault
         pack = L.pack_flowdir_into
-        for idx, (op, plan) in enumerate(planned):
-            slot = plan[1]
-            d0, d1 = op.ctx.dirs  # type: ignore[union-attr]
-            e = 2 * idx
-            pack(kbuf, e * _KS, vbuf, e * _VS, d0, slot)
-            pack(kbuf, (e + 1) * _KS, vbuf, (e + 1) * _VS, d1, slot)
-        done = 0
+        special = self._prepare_special
+        chunk = self.PIPELINE_CHUNK if len(run) >= 2 * self.PIPELINE_CHUNK else 0
+        pushes: list[Any] = []  # futures (pipelined) or failure lists
+        written: list[Op] = []  # buffer order: op i owns entries 2i and 2i+1
+        olds: dict[int, tuple] = {}  # written index -> keys a rewrite/claim replaces
+        dups: list[tuple[Op, Op]] = []
+        eagain = new = 0
+        ks2, vs2 = 2 * _KS, 2 * _VS
+        koff = voff = 0
+        EAGAIN, PRIV = errno.EAGAIN, _PRIV  # noqa: N806 - hoisted constants
+        for op in run:
+            ctx = op.ctx
+            d0, d1 = ctx.dirs  # type: ignore[union-attr]
+            if (
+                d0 is None
+                or d1 is None
+                or d0.dst_mac is None
+                or d1.dst_mac is None
+                or d0.src_mac is None
+                or d1.src_mac is None
+                or d0.out_ifindex <= 0
+                or d1.out_ifindex <= 0
+            ):
+                op.err = EAGAIN
+                eagain += 1
+                continue
+            k0 = (d0.in_ifindex, d0.match)
+            k1 = (d1.in_ifindex, d1.match)
+            held = ctx.priv.get(PRIV)  # type: ignore[union-attr]
+            h = None
+            if held is None and free:
+                # Claim both keys with one hash each; back out on a clash.
+                h = _Held(free[-1], (k0, k1), ctx, gen)
+                o0 = setdefault(k0, h)
+                if o0 is h:
+                    o1 = setdefault(k1, h)
+                    if o1 is not h or k0 == k1:
+                        del owner[k0]
+                        h = None
+                else:
+                    o1 = owner.get(k1)
+                    h = None
+            else:
+                o0 = owner.get(k0)
+                o1 = owner.get(k1)
+            if h is not None:
+                slot = free.pop()
+                lu[slot] = 0  # type: ignore[index]  # a new connection was never seen
+                by_slot[slot] = h
+                ctx.priv[PRIV] = h  # type: ignore[union-attr]
+                new += 1
+            else:
+                try:
+                    r = special(ctx, held, k0, k1, o0, o1)  # type: ignore[arg-type]
+                except OSError as exc:
+                    r = _errno_of(exc)
+                if r is _DUP:
+                    dups.append((op, next(w for w in written if w.ctx is ctx)))
+                    continue
+                if type(r) is int:
+                    op.err = r
+                    continue
+                h, old = r
+                slot = h.slot
+                if old:
+                    olds[len(written)] = old
+            pack(kbuf, koff, vbuf, voff, d0, slot)
+            pack(kbuf, koff + _KS, vbuf, voff + _VS, d1, slot)
+            koff += ks2
+            voff += vs2
+            op.err = 0
+            written.append(op)
+            if chunk and len(written) % chunk == 0:
+                pushes.append(self._push_async(len(written) - chunk, len(written)))
+        self._n_held += new
+        self._c["adds"] += new
+        self._c["eagain"] += eagain
+        if written:
+            pushed = (len(written) // chunk) * chunk if chunk else 0
+            if pushed < len(written):
+                pushes.append(self._push(pushed, len(written)))
+            failed = [f for p in pushes for f in (p if isinstance(p, list) else p.result())]
+            self._settle(written, olds, failed)
+        for op, f in dups:
+            op.err = f.err
+
+    def _push_async(self, lo: int, hi: int):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctxdp-xdp")
+        return self._pool.submit(self._push, lo, hi)
+
+    def _push(self, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+        """Write the entries of connections [lo, hi) of the packed buffers.
+
+        Returns the refused ones as (connection index, errno, entry 0 went
+        in). Touches only the kernel and the buffers' [lo, hi) range, so it
+        may run in the helper thread.
+        """
+        done, need = 2 * lo, 2 * hi
+        failed: list[tuple[int, int, bool]] = []
         while done < need:
             try:
-                done += self._update(kbuf, vbuf, need - done, done)
+                done += self._update(self._kbuf, self._vbuf, need - done, done)
             except bpfsys.BatchError as exc:
                 done += exc.done
                 bad = done // 2
-                op, plan = planned[bad]
                 err = errno.ENOSPC if exc.errno in (errno.E2BIG, errno.ENOMEM) else exc.errno
-                self._abort(op.ctx, plan, wrote_first=bool(done % 2))  # type: ignore[arg-type]
-                op.err = err or errno.EIO
-                self._c["enospc" if err == errno.ENOSPC else "add_errors"] += 1
-                planned[bad] = (op, None)
-                # Resume after the failed connection: rewrites of existing
+                failed.append((bad, err or errno.EIO, bool(done % 2)))
+                # Resume after the refused connection: rewrites of existing
                 # keys still succeed in a full map, and nothing else is lost.
                 done = 2 * (bad + 1)
+        return failed
+
+    def _settle(
+        self, written: list[Op], olds: dict[int, tuple], failed: list[tuple[int, int, bool]]
+    ) -> None:
+        """Undo exactly the connections the kernel refused; drop superseded keys."""
+        for idx, err, wrote_first in failed:
+            op = written[idx]
+            h = op.ctx.priv[_PRIV]  # type: ignore[union-attr]
+            self._undo(h, olds.pop(idx, ()), wrote_first)
+            op.err = err
+            self._c["enospc" if err == errno.ENOSPC else "add_errors"] += 1
+            self._c["rollbacks"] += wrote_first
+        stale: list[Key] = []
+        for idx, old in olds.items():
+            keys = written[idx].ctx.priv[_PRIV].keys  # type: ignore[union-attr]
+            stale.extend(k for k in old if k not in keys)
+        if stale:  # keys a rewrite or claim no longer uses
+            try:
+                self._delete(stale)
             except OSError as exc:
-                for k in range(done // 2, m):
-                    op2, plan2 = planned[k]
-                    if plan2 is not None:
-                        self._abort(op2.ctx, plan2, wrote_first=False)  # type: ignore[arg-type]
-                        op2.err = _errno_of(exc)
-                        self._c["add_errors"] += 1
-                        planned[k] = (op2, None)
-                break
-        for op, plan in planned:
-            if plan is not None:
-                self._commit(op.ctx, plan)  # type: ignore[arg-type]
+                log.error("xdp: deleting %d superseded entries failed: %s", len(stale), exc)
+
+    def _undo(self, h: _Held, old: tuple, wrote_first: bool) -> None:
+        """Take a connection the kernel refused out of the map and the indexes."""
+        if old or wrote_first:
+            # A new entry 0 may be in, or an old pair half rewritten: remove
+            # every key of the connection rather than leave a mix.
+            keys = set(h.keys) | set(old)
+            try:
+                self._delete(list(keys))
+            except OSError as exc:
+                log.error("xdp: rollback of a half-written connection failed: %s", exc)
+        self._forget(h)
 
     def _update(self, kbuf: bytearray, vbuf: bytearray, count: int, start: int) -> int:
         """Write ``count`` entries from index ``start``; BatchError on a partial write."""
@@ -895,7 +975,7 @@ class XdpProvider(Provider):
         return count
 
     def _del_run(self, run: list[Op]) -> None:
-        keys: list[bytes] = []
+        keys: list[Key] = []
         hs: list[_Held] = []
         for op in run:
             h = op.ctx.priv.get(_PRIV)  # type: ignore[union-attr]
@@ -909,10 +989,10 @@ class XdpProvider(Provider):
         if not hs:
             return
         try:
-            self._delete_keys(keys)
+            self._delete(keys)
         except OSError as exc:
             # Which keys went is unknown: keep them all held so the manager
-            # retries the DEL (ENOENT for already-gone keys is skipped).
+            # retries the DEL (keys already gone are skipped then).
             for op in run:
                 if op.err == 0:
                     op.err = _errno_of(exc)
@@ -941,28 +1021,39 @@ class XdpProvider(Provider):
         except OSError as exc:
             raise ProviderError(_errno_of(exc), f"reading ct_flows: {exc}") from exc
 
+    def _holder_dir(self, keys, i: int, slot: int) -> tuple[_Held | None, int]:
+        """(holder, direction) of entry ``i`` of a scan chunk whose val.slot is ``slot``."""
+        h = self._by_slot[slot] if slot < self.max_conns else None
+        if h is None:
+            return None, -1
+        k = L.unpack_key(keys, i * _KS)
+        if k == h.keys[0]:
+            return h, 0
+        if len(h.keys) > 1 and k == h.keys[1]:
+            return h, 1
+        return None, -1
+
     def teardown_flagged(self) -> list[OffloadCtx]:
         """Held connections whose entry the program flagged CT_F_TEARDOWN
         (it punted a FIN/RST). Flagged orphans are deleted here."""
         if self._bpf is None:
             return []
         out: dict[int, OffloadCtx] = {}
-        orphans: list[_Held] = []
+        orphans: dict[int, _Held] = {}
         for keys, flags, slots, _p, _b, _n in self._scan_fields():
             for i, f in enumerate(flags):
                 if not f & L.CT_F_TEARDOWN:
                     continue
-                h = self._by_slot[slots[i]] if slots[i] < self.max_conns else None
-                k = bytes(keys[i * _KS : (i + 1) * _KS])
-                if h is None or self._owner.get(k) is not h:
+                h, _d = self._holder_dir(keys, i, slots[i])
+                if h is None:
                     continue
                 if h.ctx is None:
-                    orphans.append(h)
+                    orphans[id(h)] = h
                 else:
                     out[id(h.ctx)] = h.ctx
-        for h in {id(h): h for h in orphans}.values():
+        for h in orphans.values():
             try:
-                self._delete_keys(list(h.keys))
+                self._delete(list(h.keys))
             except OSError:
                 continue
             self._forget(h)
@@ -977,13 +1068,8 @@ class XdpProvider(Provider):
         acc: dict[int, list[Any]] = {}
         for keys, _f, slots, pk, by, n in self._scan_fields():
             for i in range(n):
-                s = slots[i]
-                h = self._by_slot[s] if s < self.max_conns else None
+                h, d = self._holder_dir(keys, i, slots[i])
                 if h is None or h.ctx is None:
-                    continue
-                k = bytes(keys[i * _KS : (i + 1) * _KS])
-                d = 0 if k == h.keys[0] else 1 if k == h.keys[1] else -1
-                if d < 0:
                     continue
                 row = acc.get(id(h))
                 if row is None:
@@ -1000,13 +1086,12 @@ class XdpProvider(Provider):
         try:
             for keys, vals, n in self._scan():
                 for i in range(n):
-                    k = bytes(keys[i * _KS : (i + 1) * _KS])
-                    ifindex, t = L.unpack_key(k)
+                    k = L.unpack_key(keys, i * _KS)
                     v = L.unpack_val(vals, i * _VS)
                     h = self._owner.get(k)
                     ctx = h.ctx if h is not None else None
-                    d = -1 if h is None or ctx is None else (0 if k == h.keys[0] else 1)
-                    rows.append(FlowRow(ifindex, t, v, ctx, d))
+                    d = -1 if h is None or ctx is None else h.keys.index(k)
+                    rows.append(FlowRow(k[0], k[1], v, ctx, d))
         except OSError as exc:
             raise ProviderError(_errno_of(exc), f"reading ct_flows: {exc}") from exc
         return rows

@@ -536,3 +536,24 @@ def test_pins_of_another_size_are_not_adopted(make, xports, caplog):
         p2.start()
     assert map_len(p2) == 0 and p2.stats()["orphans"] == 0
     assert any("fresh maps" in r.getMessage() for r in caplog.records)
+
+
+def test_pipelined_chunks_roll_back_exactly_the_refused(make, xports):
+    """A run written in pipelined chunks installs what fits and rolls back exactly
+    the connections the kernel refused, including one half-written pair."""
+    p = make(max_conns=16)
+    p.start()
+    p.PIPELINE_CHUNK = 4  # 16 ADDs -> four chunks through the helper thread
+    keys, vals = bytearray(7 * L.KEY_SIZE), bytearray(7 * L.VAL_SIZE)
+    for i in range(7):  # 7 foreign entries: room for 12 pairs and one lone entry
+        L.KEY.pack_into(keys, i * L.KEY_SIZE, 999, 4, 17, 0, i, i, b"\1" * 16, b"\2" * 16)
+    bpfsys.map_update_batch(p.flows_fd, keys, vals, 7)
+    ctxs = [make_ctx(xports, i) for i in range(16)]
+    ops = [Op(OpKind.ADD, c) for c in ctxs]
+    p.batch_submit(Batch(ops))
+    assert [o.err for o in ops] == [0] * 12 + [errno.ENOSPC] * 4
+    assert map_len(p) == 7 + 24
+    s = p.stats()
+    assert (s["conns"], s["enospc"], s["rollbacks"], s["free_slots"]) == (12, 4, 1, 4)
+    assert all(p.slot_of(c) is None for c in ctxs[12:])
+    assert p.conn_update_many(ctxs[:12]) == [None] * 12
