@@ -1,0 +1,504 @@
+"""The ctxdp daemon: wires the slow path, the offload layer and the kernel.
+
+Contract:
+- ``Daemon(cfg, config_path)`` builds everything in the network namespace of
+  the calling process: forwarding off (refuses to start otherwise), the
+  tracker, the offload manager with its providers, AF_PACKET ports, netlink
+  caches (links, addresses, routes, neighbours) and the control socket.
+  ``start()`` acquires the kernel resources, ``run()`` loops until ``stop()``
+  or SIGTERM/SIGINT, and ``close()`` releases everything (XDP detached and
+  pins removed unless ``offload.keep_on_restart``).
+- One thread, one ``selectors`` loop: port sockets, the netlink event socket
+  and the control socket are registered; each receive burst is processed
+  inside one offload batch. Every ``aging_interval`` the aging tick runs:
+  last-used read-back, conntrack expiry, FIN/RST teardown flags from XDP,
+  fast-path counters folded into conntrack, pending offloads retried.
+- SIGHUP or ``ctxdp reload`` re-reads the config: a new firewall/NAT policy
+  and eligibility policy. Every connection the new policy would not admit
+  identically (NFP flower's merged-flow validity) is withdrawn from the fast
+  path and deleted from conntrack at once, so its traffic stops within one
+  aging interval at worst. Port, provider and conntrack limit changes need a
+  restart.
+- ``handle(cmd, args)`` answers the control socket (schemas in ``ctxdp.cli``).
+- Time is ``time.monotonic()`` (CLOCK_MONOTONIC), the clock the XDP program
+  stamps last-used times with.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import selectors
+import signal
+import time
+from typing import Any
+
+from ctxdp.config import Config, ConfigError, load_config
+from ctxdp.conntrack import ConnTracker, CtConfig
+from ctxdp.control import ControlError, ControlServer, check_args, int_arg
+from ctxdp.datapath import sysctl
+from ctxdp.datapath.forward import ADMIT_KEY, Forwarder
+from ctxdp.eligibility import EligibilityPolicy
+from ctxdp.offload import OffloadManager
+from ctxdp.policy import Policy
+from ctxdp.providers.base import Provider, ProviderError
+from ctxdp.providers.dummy import DummyProvider
+
+__all__ = ["Daemon", "run_daemon", "ct_config", "eligibility"]
+
+log = logging.getLogger("ctxdp.daemon")
+
+_BURST = 64
+
+
+def ct_config(cfg: Config) -> CtConfig:
+    c = cfg.conntrack
+    return CtConfig(
+        max_conns=c.max_conns,
+        zone_limits=dict(c.zone_limits),
+        default_zone_limit=c.default_zone_limit,
+        tcp_seq_check=c.tcp_seq_check,
+        timeouts=dict(c.timeouts),
+    )
+
+
+def eligibility(cfg: Config, ifindex_of: dict[str, int]) -> EligibilityPolicy:
+    o = cfg.offload
+    return EligibilityPolicy(
+        protocols=frozenset(o.protocols),
+        zones=frozenset(o.zones) if o.zones is not None else None,
+        opt_out_ifindex=frozenset(ifindex_of[p.name] for p in cfg.ports if not p.offload),
+        min_pkts=o.min_packets,
+        max_offloaded=o.max_offloaded or o.map_size,
+    )
+
+
+def _addr(b: bytes) -> str:
+    return str(ipaddress.ip_address(bytes(b)))
+
+
+def _tuple_row(t: Any) -> dict[str, Any]:
+    return {"family": t.family, "proto": t.proto, "src": _addr(t.src), "dst": _addr(t.dst),
+            "sport": t.sport, "dport": t.dport}
+
+
+class Daemon:
+    """The router: see the module contract."""
+
+    def __init__(self, cfg: Config, config_path: str | None = None, *, clock=time.monotonic):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.clock = clock
+        self._stop = False
+        self._reload = False
+        self._closed = False
+        self._sel = selectors.DefaultSelector()
+        self.started_at = clock()
+        self._pps_mark = (self.started_at, 0)
+        self.pps = 0.0
+        self._fast_seen: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
+        self.xdp = None
+        self.nl = self.ports = self.router = self.neigh = self.links = self.local = None
+        self.control = None
+        self._saved_sysctl: dict[str, str] | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> Daemon:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        from ctxdp.datapath.neigh import NeighTable
+        from ctxdp.datapath.netlink import LinkWatcher, LocalAddrs, Netlink
+        from ctxdp.datapath.ports import PortSet
+        from ctxdp.datapath.routing import Router
+
+        cfg = self.cfg
+        # No double forwarding: AF_PACKET gets a copy of every passed frame;
+        # with kernel forwarding on, the original would be forwarded as well.
+        self._saved_sysctl = sysctl.disable_forwarding()
+        self.nl = Netlink()
+        self.links = LinkWatcher(self.nl)
+        self.local = LocalAddrs(self.nl)
+        self.ports = PortSet(list(cfg.port_names), local=self.local)
+        self.ports.watch(self.links)
+        self.router = Router(self.nl)
+        self.neigh = NeighTable(self.nl)
+        ifindex_of = {p.name: p.ifindex for p in self.ports}
+        self.min_mtu = min(p.mtu for p in self.ports)
+
+        self.ct = ConnTracker(ct_config(cfg))
+        self.mgr = OffloadManager(
+            self.ct, (), eligibility(cfg, ifindex_of), enabled=cfg.offload.enabled
+        )
+        for p in self._make_providers():
+            self.mgr.add_provider(p)
+        self.policy = Policy.from_config(cfg, port_addr=self._port_addr)
+        zones = {ifindex_of[p.name]: p.zone for p in cfg.ports}
+        self.fwd = Forwarder(self.ct, self.mgr, self.policy, self.router, self.neigh,
+                             self.ports, zones)
+        self.fwd.min_mtu = self.min_mtu
+
+        self.neigh.on_change(self._on_neigh)
+        self.router.on_change(self._on_route)
+        self.links.on_change(self._on_link)
+
+        for port in self.ports:
+            self._sel.register(port.fileno(), selectors.EVENT_READ, ("port", port))
+        self._sel.register(self.nl.fileno(), selectors.EVENT_READ, ("netlink", None))
+        self.control = ControlServer(cfg.control_socket, self).start()
+        self.control.register(self._sel)
+        log.info("ctxdp started: ports=%s providers=%s offload=%s",
+                 ",".join(cfg.port_names), ",".join(p.name for p in self.mgr.providers()),
+                 "on" if cfg.offload.enabled else "off")
+
+    def _make_providers(self) -> list[Provider]:
+        o = self.cfg.offload
+        out: list[Provider] = []
+        for name in o.providers:
+            if name == "dummy":
+                out.append(DummyProvider(record=False))
+                continue
+            from ctxdp.providers.xdp import XdpProvider  # bcc only when asked for
+
+            xdp = XdpProvider(
+                list(self.cfg.port_names), mode=o.xdp_mode, max_conns=o.map_size,
+                pin_dir=o.pin_dir, keep=o.keep_on_restart,
+                on_start="adopt" if o.keep_on_restart else "flush",
+            )
+            try:
+                xdp.start()
+            except ProviderError as exc:
+                if "dummy" in o.providers:
+                    log.warning("xdp provider unavailable (%s); continuing with dummy", exc)
+                    continue
+                raise
+            self.xdp = xdp
+            out.append(xdp)
+        return out
+
+    def _port_addr(self, ifname: str, family: int) -> bytes | None:
+        """Primary address of a port (masquerade source): the kernel's choice."""
+        port = self.ports.by_name(ifname) if self.ports else None
+        if port is None:
+            return None
+        try:
+            fam = 2 if family == 4 else 10
+            for msg in self.nl.ipr.get_addr(family=fam, index=port.ifindex):
+                a = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                if a and not ipaddress.ip_address(a).is_link_local:
+                    return ipaddress.ip_address(a).packed
+        except Exception:  # noqa: BLE001 - no address is an answer, not a crash
+            log.exception("reading addresses of %s", ifname)
+        return None
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def request_reload(self, *_: Any) -> None:
+        self._reload = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        now = self.clock()
+        if self.control is not None:
+            try:
+                self.control.unregister(self._sel)
+            except Exception:  # noqa: BLE001
+                pass
+            self.control.close()
+        mgr = getattr(self, "mgr", None)
+        if mgr is not None and not self.cfg.offload.keep_on_restart:
+            try:
+                mgr.close(now)
+            except Exception:  # noqa: BLE001 - closing must go on
+                log.exception("closing offload manager")
+        for p in (mgr.providers() if mgr is not None else []):
+            try:
+                p.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing provider %s", p.name)
+        if self.xdp is not None and self.xdp not in (mgr.providers() if mgr else []):
+            self.xdp.close()
+        if self.ports is not None:
+            self.ports.close()
+        if self.nl is not None:
+            self.nl.close()
+        self._sel.close()
+        if self._saved_sysctl is not None:
+            # Forwarding stays off: turning it back on silently would start
+            # forwarding without policy. Operators re-enable it deliberately.
+            pass
+        log.info("ctxdp stopped")
+
+    # -- main loop ---------------------------------------------------------------
+    def run(self) -> int:
+        interval = self.cfg.aging_interval
+        next_tick = self.clock() + interval
+        while not self._stop:
+            if self._reload:
+                self._reload = False
+                try:
+                    self.reload()
+                except (ConfigError, OSError) as exc:
+                    log.error("reload failed, keeping the old config: %s", exc)
+            timeout = max(0.0, min(next_tick - self.clock(), 0.5))
+            for key, _ in self._sel.select(timeout):
+                kind, obj = key.data if isinstance(key.data, tuple) else ("control", key.data)
+                if kind == "port":
+                    self._rx(obj)
+                elif kind == "netlink":
+                    self.nl.handle_events()
+                else:
+                    obj()
+            now = self.clock()
+            if now >= next_tick:
+                self.tick(now)
+                next_tick = now + interval
+        return 0
+
+    def _rx(self, port: Any) -> None:
+        frames = port.recv_burst(_BURST)
+        if not frames:
+            return
+        now = self.clock()
+        with self.mgr.batch(now):
+            for f in frames:
+                self.fwd.process(f, port, now)
+
+    def tick(self, now: float) -> None:
+        """The aging interval: read-back, expiry, teardown flags, counters."""
+        mgr = self.mgr
+        with mgr.batch(now):
+            if self.xdp is not None:
+                try:
+                    for ctx in self.xdp.teardown_flagged():
+                        mgr.withdraw(ctx.conn, now, "xdp-fin-rst")
+                except ProviderError as exc:
+                    log.warning("reading teardown flags: %s", exc)
+            mgr.age(now)
+            self._fold_fast_counters()
+            self.ct.sweep(now)
+            mgr.retry_pending(now)
+        self.fwd.expire_queued(now)
+        t0, n0 = self._pps_mark
+        n = self.fwd.stats["rx"]
+        if now > t0:
+            self.pps = (n - n0) / (now - t0)
+        self._pps_mark = (now, n)
+
+    def _fold_fast_counters(self) -> None:
+        """Add what XDP forwarded since the last tick to each conn's counters."""
+        if self.xdp is None:
+            return
+        try:
+            rows = self.xdp.counters()
+        except ProviderError as exc:
+            log.warning("reading fast-path counters: %s", exc)
+            return
+        seen: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
+        for ctx, pk, by in rows:
+            conn = ctx.conn
+            key = id(ctx)
+            old = self._fast_seen.get(key, ((0, 0), (0, 0)))
+            for i in (0, 1):
+                if pk[i] >= old[0][i]:
+                    conn.pkts[i] += pk[i] - old[0][i]
+                    conn.bytes[i] += by[i] - old[1][i]
+            seen[key] = (pk, by)
+            ext = conn.ext if conn.ext is not None else {}
+            ext["fast"] = (pk, by)
+            conn.ext = ext
+        self._fast_seen = seen
+
+    # -- events ------------------------------------------------------------------
+    def _on_neigh(self, ifindex: int, addr: bytes, old: bytes | None, new: bytes | None) -> None:
+        now = self.clock()
+        if new is not None:
+            self.fwd.neigh_valid(ifindex, addr, new)
+            n = self.mgr.neigh_resolved(ifindex, addr, new, now)
+            log.info("neighbour %s on %d -> %s: %d flow directions updated",
+                     _addr(addr), ifindex, new.hex(":"), n)
+        else:
+            n = self.mgr.neigh_gone(ifindex, addr, now)
+            log.info("neighbour %s on %d gone: %d flow directions withdrawn",
+                     _addr(addr), ifindex, n)
+
+    def _on_route(self, family: int, dst: bytes, old: Any, new: Any) -> None:
+        now = self.clock()
+        n = self.mgr.withdraw_where(
+            lambda c: any(d is not None and d.out.dst == dst for d in c.dirs), now, "route-change"
+        )
+        if n:
+            log.info("route to %s changed: %d connections back to the slow path", _addr(dst), n)
+
+    def _on_link(self, old: Any, new: Any) -> None:
+        ifindex = (new or old).ifindex
+        if self.ports is None or self.ports.by_ifindex(ifindex) is None:
+            return
+        now = self.clock()
+        if new is None or not new.usable or (old is not None and (old.mac, old.mtu) != (new.mac, new.mtu)):
+            n = self.mgr.withdraw_ifindex(ifindex, now, "port-down" if new is None or not new.usable
+                                          else "port-changed")
+            if new is not None:
+                self.min_mtu = self.fwd.min_mtu = min(p.mtu for p in self.ports)
+            log.info("port %s changed: %d connections withdrawn", (new or old).name, n)
+
+    # -- reload ------------------------------------------------------------------
+    def reload(self) -> dict[str, Any]:
+        if not self.config_path:
+            raise ControlError("no config file to reload from")
+        new = load_config(self.config_path)
+        if new.port_names != self.cfg.port_names:
+            log.warning("reload: port changes need a restart; keeping %s", self.cfg.port_names)
+        now = self.clock()
+        self.cfg = new
+        self.policy = Policy.from_config(new, port_addr=self._port_addr)
+        self.fwd.policy = self.policy
+        ifindex_of = {p.name: p.ifindex for p in self.ports}
+        self.mgr.set_policy(eligibility(new, ifindex_of), now)
+        withdrawn = deleted = 0
+        with self.mgr.batch(now):
+            for conn in self.ct.conns():
+                info = conn.ext.get(ADMIT_KEY) if conn.ext else None
+                if info is None or self.policy.still_admits(info):
+                    continue
+                withdrawn += bool(self.mgr.withdraw(conn, now, "policy-reload"))
+                self.ct.delete(conn, now, "policy-reload")
+                deleted += 1
+        log.info("reloaded %s: %d connections no longer admitted (%d were offloaded)",
+                 self.config_path, deleted, withdrawn)
+        return {"withdrawn": withdrawn, "deleted": deleted}
+
+    # -- control socket --------------------------------------------------------
+    def handle(self, cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "conntrack":
+            check_args(cmd, args, ("zone",))
+            zone = int_arg(args, "zone", 0, 65535)
+            return {"conns": [self._conn_row(c) for c in self.ct.conns(zone)]}
+        if cmd == "flows":
+            check_args(cmd, args, ())
+            return {"flows": self._flow_rows()}
+        if cmd == "stats":
+            check_args(cmd, args, ())
+            return self.stats()
+        if cmd == "flush":
+            check_args(cmd, args, ("zone",))
+            zone = int_arg(args, "zone", 0, 65535)
+            before = len(self.ct)
+            self.mgr.flush(self.clock(), zone)
+            return {"flushed": before - len(self.ct)}
+        if cmd == "reload":
+            check_args(cmd, args, ())
+            try:
+                return self.reload()
+            except ConfigError as exc:
+                raise ControlError(f"reload failed: {exc}") from exc
+        if cmd == "offload":
+            check_args(cmd, args, ("enabled",))
+            en = args.get("enabled")
+            if not isinstance(en, bool):
+                raise ControlError("offload: 'enabled' must be true or false")
+            now = self.clock()
+            if en:
+                self.mgr.enable(now)
+            else:
+                self.mgr.disable(now)
+            return {"enabled": self.mgr.enabled, "offloaded": self.mgr.stats["offloaded"]}
+        raise ControlError(f"unknown command {cmd!r}")
+
+    def _conn_row(self, c: Any) -> dict[str, Any]:
+        now = self.clock()
+        o, r = c.orig, c.reply
+        return {
+            "zone": c.zone, "proto": c.proto, "state": c.state_name,
+            "orig": {"src": _addr(o.src), "dst": _addr(o.dst), "sport": o.sport, "dport": o.dport},
+            "reply": {"src": _addr(r.src), "dst": _addr(r.dst), "sport": r.sport, "dport": r.dport},
+            "offloaded": self.mgr.is_offloaded(c),
+            "packets": list(c.pkts), "bytes": list(c.bytes),
+            "expires_in": round(c.expires - now, 3), "mark": c.mark,
+        }
+
+    def _flow_rows(self) -> list[dict[str, Any]]:
+        if self.xdp is None:
+            return []
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        rows = []
+        for fr in self.xdp.flows():
+            v = fr.val
+            ctx = fr.ctx
+            d = ctx.dirs[fr.dir] if ctx is not None and fr.dir >= 0 else None
+            port_in = self.ports.by_ifindex(fr.ifindex)
+            port_out = self.ports.by_ifindex(v.out_ifindex)
+            nat = "+".join(n for n, f in (("snat", v.flags & 1), ("dnat", v.flags & 2)) if f)
+            rows.append({
+                "zone": ctx.zone if ctx is not None else None,
+                "provider": "xdp",
+                "in_ifname": port_in.name if port_in else None, "in_ifindex": fr.ifindex,
+                "match": _tuple_row(fr.match),
+                "out": _tuple_row(d.out) if d is not None else None,
+                "out_ifname": port_out.name if port_out else None,
+                "out_ifindex": v.out_ifindex,
+                "nat": nat or None,
+                "packets": v.packets, "bytes": v.bytes,
+                "last_used_ago": round((now_ns - v.last_used) / 1e9, 3) if v.last_used else None,
+                "orphan": ctx is None,
+            })
+        return rows
+
+    def stats(self) -> dict[str, Any]:
+        import psutil
+
+        fast: dict[str, Any] = {}
+        maps: dict[str, Any] = {}
+        if self.xdp is not None:
+            s = self.xdp.stats()
+            punts = {k[len("punt_"):]: v for k, v in s.items() if k.startswith("punt_")}
+            fast = {"hits": s.get("hit", 0), "misses": s.get("miss", 0), "punts": punts,
+                    "redirect_errors": s.get("redirect_err", 0)}
+            maps = {"flows_used": s.get("entries", 0), "flows_max": 2 * s.get("capacity_conns", 0),
+                    "conns_used": s.get("conns", 0), "conns_max": s.get("capacity_conns", 0)}
+        ms = self.mgr.stats
+        proc = psutil.Process()
+        return {
+            "slow_path": {"pps": round(self.pps, 1), **dict(self.fwd.stats),
+                          "dropped": dict(self.fwd.dropped)},
+            "fast_path": fast,
+            "offload": {"enabled": self.mgr.enabled, **ms},
+            "maps": maps,
+            "conntrack": {"conns": len(self.ct), **self.ct.stats.as_dict()},
+            "process": {"cpu_percent": proc.cpu_percent(None), "rss_bytes": proc.memory_info().rss},
+        }
+
+
+def run_daemon(cfg: Config, config_path: str | None = None) -> int:
+    """``ctxdp run``: start, loop until SIGTERM/SIGINT, shut down cleanly."""
+    from ctxdp.log import setup_logging
+
+    setup_logging(cfg.log_level, cfg.log_format)
+    if os.geteuid() != 0:
+        log.error("ctxdp run needs root (XDP, AF_PACKET, sysctl)")
+        return 1
+    d = Daemon(cfg, config_path)
+    try:
+        d.start()
+    except sysctl.ForwardingError as exc:
+        log.error("refusing to start: cannot turn kernel forwarding off: %s", exc)
+        return 1
+    except (ProviderError, ControlError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    signal.signal(signal.SIGTERM, d.stop)
+    signal.signal(signal.SIGINT, d.stop)
+    signal.signal(signal.SIGHUP, d.request_reload)
+    try:
+        return d.run()
+    finally:
+        d.close()
