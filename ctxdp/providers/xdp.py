@@ -94,9 +94,9 @@ _BYTES_Q = L.VAL_OFF["bytes"] // 8
 _LAST_Q = L.VAL_OFF["last_used"] // 8
 
 
-#: A map key as the indexes hold it: (ingress ifindex, FlowTuple), the same
-#: value ``xdp_layout.unpack_key`` decodes from the kernel's bytes.
-Key = tuple[int, Any]
+#: A map key as the indexes hold it: the packed ct_flow_key bytes (hashing
+#: 44 bytes is several times cheaper than hashing an (ifindex, FlowTuple)).
+Key = bytes
 _DUP = object()  # _prepare_special: the connection is already in this run
 
 
@@ -521,11 +521,10 @@ class XdpProvider(Provider):
         """Rebuild the slot allocator and key index from what is pinned."""
         by_slot: dict[int, list[Key]] = {}
         bad: list[Key] = []
-        unpack = L.unpack_key
         for keys, vals, n in self._scan():
             slots = memoryview(vals)[: n * _VS].cast("I")[_SLOT_I::_V32].tolist()
             for i, s in enumerate(slots):
-                k = unpack(keys, i * _KS)
+                k = bytes(keys[i * _KS : (i + 1) * _KS])
                 if s >= self.max_conns:
                     bad.append(k)
                 else:
@@ -556,14 +555,8 @@ class XdpProvider(Provider):
         return self._delete_raw(b"".join(chunks))
 
     def _delete(self, keys: list[Key]) -> int:
-        """Delete the entries of ``keys`` ((ifindex, FlowTuple)); absent ones are skipped."""
-        if not keys:
-            return 0
-        buf = bytearray(len(keys) * _KS)
-        pk = L.pack_key_into
-        for i, (ifindex, t) in enumerate(keys):
-            pk(buf, i * _KS, ifindex, t)
-        return self._delete_raw(buf)
+        """Delete the entries of ``keys``; absent ones are skipped."""
+        return self._delete_raw(b"".join(keys)) if keys else 0
 
     def _delete_raw(self, buf) -> int:
         n = len(buf) // _KS
@@ -800,6 +793,7 @@ class XdpProvider(Provider):
             self._kbuf = bytearray(need * _KS)
             self._vbuf = bytearray(need * _VS)
         kbuf, vbuf = self._kbuf, self._vbuf
+        kmv = memoryview(kbuf)
         owner, free, lu, by_slot = self._owner, self._free, self._lu, self._by_slot
         setdefault = owner.setdefault
         pack = L.pack_flowdir_into
@@ -829,13 +823,23 @@ class XdpProvider(Provider):
                 op.err = EAGAIN
                 eagain += 1
                 continue
-            k0 = (d0.in_ifindex, d0.match)
-            k1 = (d1.in_ifindex, d1.match)
+            # Pack first (with the slot a new connection would get): the key
+            # bytes are then sliced out of the buffer for the index.
+            slot = free[-1] if free else 0
+            try:
+                pack(kbuf, koff, vbuf, voff, d0, slot)
+                pack(kbuf, koff + _KS, vbuf, voff + _VS, d1, slot)
+            except (struct.error, TypeError, ValueError, OverflowError):
+                op.err = errno.EINVAL  # a field the map cannot hold (bad MAC, MTU...)
+                self._c["add_errors"] += 1
+                continue
+            k0 = kmv[koff : koff + _KS].tobytes()
+            k1 = kmv[koff + _KS : koff + ks2].tobytes()
             held = ctx.priv.get(PRIV)  # type: ignore[union-attr]
             h = None
             if held is None and free:
                 # Claim both keys with one hash each; back out on a clash.
-                h = _Held(free[-1], (k0, k1), ctx, gen)
+                h = _Held(slot, (k0, k1), ctx, gen)
                 o0 = setdefault(k0, h)
                 if o0 is h:
                     o1 = setdefault(k1, h)
@@ -849,7 +853,7 @@ class XdpProvider(Provider):
                 o0 = owner.get(k0)
                 o1 = owner.get(k1)
             if h is not None:
-                slot = free.pop()
+                free.pop()
                 lu[slot] = 0  # type: ignore[index]  # a new connection was never seen
                 by_slot[slot] = h
                 ctx.priv[PRIV] = h  # type: ignore[union-attr]
@@ -866,11 +870,11 @@ class XdpProvider(Provider):
                     op.err = r
                     continue
                 h, old = r
-                slot = h.slot
                 if old:
                     olds[len(written)] = old
-            pack(kbuf, koff, vbuf, voff, d0, slot)
-            pack(kbuf, koff + _KS, vbuf, voff + _VS, d1, slot)
+                if h.slot != slot:  # rewrite or claim: repack with the real slot
+                    pack(kbuf, koff, vbuf, voff, d0, h.slot)
+                    pack(kbuf, koff + _KS, vbuf, voff + _VS, d1, h.slot)
             koff += ks2
             voff += vs2
             op.err = 0
@@ -1026,7 +1030,7 @@ class XdpProvider(Provider):
         h = self._by_slot[slot] if slot < self.max_conns else None
         if h is None:
             return None, -1
-        k = L.unpack_key(keys, i * _KS)
+        k = bytes(keys[i * _KS : (i + 1) * _KS])
         if k == h.keys[0]:
             return h, 0
         if len(h.keys) > 1 and k == h.keys[1]:
@@ -1086,12 +1090,13 @@ class XdpProvider(Provider):
         try:
             for keys, vals, n in self._scan():
                 for i in range(n):
-                    k = L.unpack_key(keys, i * _KS)
+                    k = bytes(keys[i * _KS : (i + 1) * _KS])
+                    ifindex, t = L.unpack_key(k)
                     v = L.unpack_val(vals, i * _VS)
                     h = self._owner.get(k)
                     ctx = h.ctx if h is not None else None
                     d = -1 if h is None or ctx is None else h.keys.index(k)
-                    rows.append(FlowRow(k[0], k[1], v, ctx, d))
+                    rows.append(FlowRow(ifindex, t, v, ctx, d))
         except OSError as exc:
             raise ProviderError(_errno_of(exc), f"reading ct_flows: {exc}") from exc
         return rows

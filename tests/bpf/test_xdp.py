@@ -328,6 +328,14 @@ def test_unresolved_connection_is_eagain(prov, xports):
     assert map_len(prov) == 0 and prov.stats()["conns"] == 0
 
 
+def test_unpackable_direction_is_einval(prov, xports):
+    """A direction the map cannot encode (MTU > 65535) is EINVAL, not an exception."""
+    ctx = make_ctx(xports)
+    ctx.dirs[1].mtu = 70000
+    assert prov.conn_add(ctx) == errno.EINVAL
+    assert map_len(prov) == 0 and prov.slot_of(ctx) is None
+
+
 def test_key_owned_by_another_connection_is_eexist(prov, xports):
     """Two connections never own one key: the second add is EEXIST, the first intact."""
     a, b = make_ctx(xports), make_ctx(xports)
