@@ -28,10 +28,14 @@ Contract:
   together when the outermost batch ends; outside a batch each entry point
   submits its own operations before returning (auto-commit), so single-packet
   paths work unbatched. The daemon opens one batch per receive burst and one
-  around ``ct.sweep``. Batches are per thread; ONE ``threading.Lock`` is held
+  around ``ct.sweep``. A batch that grows to ``max_batch`` operations is
+  submitted in chunks of that size (order kept), bounding memory and latency. Batches are per thread; ONE ``threading.Lock`` is held
   around the submission of a whole batch (never per operation). Providers
   with ``batch_submit`` get one ``Batch`` per submission; the others one call
   per operation, inside the same lock hold.
+- Eligibility is judged when an ADD is queued and again at submission if
+  the configuration (policy, switches, providers) changed in between, so a
+  connection is offloaded only if policy allows it at the time of offload.
 - Targets are decided at submission, under the lock, from the holders at
   that moment (a planned ADD counts as a holder for later ops of the same
   batch), so a DEL queued before an ADD completed still reaches the provider
@@ -162,14 +166,30 @@ def _same_dir(a: FlowDir, b: FlowDir) -> bool:
 
 
 # One queued intent: kind, ctx (None for FLUSH), target provider names (None
-# = decided at submission), force (DEL even to a provider not holding it).
-_Intent = tuple[OpKind, "ConnOffload | None", "frozenset[str] | None", bool]
+# = decided at submission), arg: for DEL ``force`` (send even to a provider
+# not holding it), for ADD the config generation it was judged under.
+_Intent = tuple[OpKind, "ConnOffload | None", "frozenset[str] | None", Any]
+
+
+def _resolved(ctx: OffloadCtx) -> bool:
+    """``ctx.resolved`` without the generator (hot path)."""
+    d0, d1 = ctx.dirs
+    return (
+        d0 is not None
+        and d1 is not None
+        and d0.dst_mac is not None
+        and d1.dst_mac is not None
+        and d0.src_mac is not None
+        and d1.src_mac is not None
+        and d0.out_ifindex > 0
+        and d1.out_ifindex > 0
+    )
 
 
 class _Entry:
     """A registered provider and its switch."""
 
-    __slots__ = ("provider", "name", "enabled", "held", "stale", "batch_submit")
+    __slots__ = ("provider", "name", "enabled", "held", "stale", "batch_submit", "can_offload")
 
     def __init__(self, provider: Provider, enabled: bool) -> None:
         self.provider = provider
@@ -178,6 +198,10 @@ class _Entry:
         self.held: set[ConnOffload] = set()  # connections this provider holds
         self.stale: set[ConnOffload] = set()  # DELs that failed, to retry
         self.batch_submit = getattr(provider, "batch_submit", None)
+        # None when the provider keeps the base "accept everything" hook: the
+        # per-op call is then skipped.
+        co = provider.can_offload
+        self.can_offload = None if getattr(co, "__func__", None) is Provider.can_offload else co
 
 
 class OffloadManager(CtObserver):
@@ -190,8 +214,10 @@ class OffloadManager(CtObserver):
         policy: EligibilityPolicy | None = None,
         *,
         enabled: bool = True,
+        max_batch: int = 1024,
     ) -> None:
         self.ct = ct
+        self.max_batch = max(1, max_batch)
         self.policy = policy if policy is not None else EligibilityPolicy()
         self._enabled = enabled
         self._entries: dict[str, _Entry] = {}
@@ -202,6 +228,11 @@ class OffloadManager(CtObserver):
         self._pending: set[ConnOffload] = set()  # unresolved next hop / EAGAIN
         self._retry: set[ConnOffload] = set()  # ENOSPC
         self._n_offloaded = 0
+        # Bumped by every config change (policy, switches, providers): an ADD
+        # judged under the current generation need not be judged again at
+        # submission, only checked for deletion and next-hop resolution.
+        self._gen = 0
+        self._n_enabled = 0
         self._c: Counter[str] = Counter()
         self._failures: Counter[str] = Counter()
         self._refused: Counter[str] = Counter()
@@ -233,6 +264,7 @@ class OffloadManager(CtObserver):
         if rc:
             raise ProviderError(rc, f"{provider.name}: init failed: {errno_name(rc)}")
         self._entries[provider.name] = _Entry(provider, enabled)
+        self._config_changed()
         if enabled and now is not None:
             self._offer_all(now, frozenset((provider.name,)))
             self._auto(now)
@@ -241,7 +273,8 @@ class OffloadManager(CtObserver):
         """Withdraw every connection the provider holds, then ``close`` and drop it."""
         ent = self._entries[name]
         ent.enabled = False
-        self.begin()
+        self._config_changed()
+        self.begin(now)
         try:
             for ctx in list(ent.held):
                 self._enqueue(OpKind.DEL, ctx, frozenset((name,)))
@@ -249,7 +282,12 @@ class OffloadManager(CtObserver):
         finally:
             self.commit(now)
         del self._entries[name]
+        self._config_changed()
         self._close_provider(ent)
+
+    def _config_changed(self) -> None:
+        self._gen += 1
+        self._n_enabled = sum(e.enabled for e in self._entries.values())
 
     def providers(self) -> list[Provider]:
         return [e.provider for e in self._entries.values()]
@@ -266,44 +304,61 @@ class OffloadManager(CtObserver):
 
     def enable(self, now: float) -> None:
         """Turn offload on: offer every eligible connection; sends no DEL."""
-        self._enabled = True
-        self._offer_all(now)
-        self._auto(now)
+        self.begin(now)
+        try:
+            self._enabled = True
+            self._config_changed()
+            self._offer_all(now)
+        finally:
+            self.commit(now)
 
     def disable(self, now: float, *, withdraw: bool = True) -> None:
         """Turn offload off. ``withdraw`` (default) takes every connection back
         to the slow path; ``withdraw=False`` only stops new offloads and lets
         the offloaded ones end normally (their DELs still go out)."""
-        self._enabled = False
-        for ctx in list(self._pending | self._retry | self._watch):
-            self._note(ctx, Reason.DISABLED)
-        if withdraw:
-            for ent in self._entries.values():
-                for ctx in list(ent.held):
-                    self._withdraw_ctx(ctx, Reason.DISABLED, forget=False)
-        self._auto(now)
+        self.begin(now)
+        try:
+            self._enabled = False
+            self._config_changed()
+            for ctx in list(self._pending | self._retry | self._watch):
+                self._note(ctx, Reason.DISABLED)
+            if withdraw:
+                for ent in self._entries.values():
+                    for ctx in list(ent.held):
+                        self._withdraw_ctx(ctx, Reason.DISABLED, forget=False)
+        finally:
+            self.commit(now)
 
     def enable_provider(self, name: str, now: float) -> None:
         """Enable one provider and offer it every eligible connection."""
-        self._entries[name].enabled = True
-        self._offer_all(now, frozenset((name,)))
-        self._auto(now)
+        self.begin(now)
+        try:
+            self._entries[name].enabled = True
+            self._config_changed()
+            self._offer_all(now, frozenset((name,)))
+        finally:
+            self.commit(now)
 
     def disable_provider(self, name: str, now: float, *, withdraw: bool = True) -> None:
         """Disable one provider; ``withdraw`` takes back what it holds (those
         it alone held return to the slow path)."""
-        ent = self._entries[name]
-        ent.enabled = False
-        if withdraw:
-            for ctx in list(ent.held):
-                self._enqueue(OpKind.DEL, ctx, frozenset((name,)))
-                self._withdrawn[Reason.DISABLED] += 1
-        self._auto(now)
+        self.begin(now)
+        try:
+            ent = self._entries[name]
+            ent.enabled = False
+            self._config_changed()
+            if withdraw:
+                for ctx in list(ent.held):
+                    self._enqueue(OpKind.DEL, ctx, frozenset((name,)))
+                    self._withdrawn[Reason.DISABLED] += 1
+        finally:
+            self.commit(now)
 
     def set_policy(self, policy: EligibilityPolicy, now: float) -> None:
         """Replace the policy: withdraw what it now refuses, offer what it allows."""
         self.policy = policy
-        self.begin()
+        self._config_changed()
+        self.begin(now)
         try:
             for ctx in list(self._fwd):
                 r = self._verdict(ctx) if ctx.held else ""
@@ -317,12 +372,13 @@ class OffloadManager(CtObserver):
 
     def close(self, now: float) -> None:
         """Shutdown: delete every offloaded entry, then close the providers."""
-        self.begin()
+        self.begin(now)
         try:
             for ent in self._entries.values():
                 ent.enabled = False
                 for ctx in list(ent.held):
                     self._enqueue(OpKind.DEL, ctx, frozenset((ent.name,)))
+            self._config_changed()
         finally:
             self.commit(now)
         for ent in self._entries.values():
@@ -337,17 +393,22 @@ class OffloadManager(CtObserver):
         if q is None:
             q = tls.q = []
             tls.depth = 0
+            tls.now = 0.0
         return q
 
-    def begin(self) -> None:
-        """Open a batch on this thread (nestable)."""
+    def begin(self, now: float | None = None) -> None:
+        """Open a batch on this thread (nestable). ``now`` stamps the chunks
+        submitted early when the batch grows past ``max_batch``."""
         self._q()
         self._tls.depth += 1
+        if now is not None:
+            self._tls.now = now
 
     def commit(self, now: float) -> int:
         """Close a batch; the outermost close submits it. Returns ops dispatched."""
         self._q()
         tls = self._tls
+        tls.now = now
         if tls.depth > 0:
             tls.depth -= 1
         if tls.depth:
@@ -357,7 +418,7 @@ class OffloadManager(CtObserver):
     @contextmanager
     def batch(self, now: float) -> Iterator[OffloadManager]:
         """``with mgr.batch(now):`` queue everything inside, submit once at the end."""
-        self.begin()
+        self.begin(now)
         try:
             yield self
         finally:
@@ -373,9 +434,12 @@ class OffloadManager(CtObserver):
         kind: OpKind,
         ctx: ConnOffload | None,
         targets: frozenset[str] | None = None,
-        force: bool = False,
+        arg: Any = False,
     ) -> None:
-        self._q().append((kind, ctx, targets, force))
+        q = self._q()
+        q.append((kind, ctx, targets, arg))
+        if len(q) >= self.max_batch:  # bound memory and latency: submit this chunk now
+            self._submit_queue(self._tls.now)
 
     def _auto(self, now: float) -> None:
         """Auto-commit: submit now unless a batch is open on this thread."""
@@ -408,24 +472,23 @@ class OffloadManager(CtObserver):
     # resolution: intents -> per-provider batches (under the lock)
     # ------------------------------------------------------------------
     def _resolve(self, intents: list[_Intent]) -> tuple[dict[str, Batch], dict[ConnOffload, str]]:
+        """Turn intents into per-provider batches. Targets come from the
+        holders at this moment, updated as the batch is planned (an ADD
+        planned earlier counts as a holder for a later DEL of the batch)."""
         batches: dict[str, Batch] = {}
-        outcome: dict[ConnOffload, str] = {}  # ADDed ctxs -> reason if none accepts
+        outcome: dict[ConnOffload, str] = {}  # filled by _dispatch: failed ADDs -> reason
         plan: dict[ConnOffload, set[str]] = {}  # planned holders per ctx
         new = 0
         cap = self.policy.max_offloaded
+        gen = self._gen
         entries = self._entries
+        ADD, DEL, FLUSH = OpKind.ADD, OpKind.DEL, OpKind.FLUSH
 
-        def put(name: str, op: Op) -> None:
-            b = batches.get(name)
-            if b is None:
-                b = batches[name] = Batch()
-            b.ops.append(op)
-
-        for kind, ctx, targets, force in intents:
-            if kind is OpKind.FLUSH:
+        for kind, ctx, targets, arg in intents:
+            if kind is FLUSH:
                 for name, ent in entries.items():
                     if targets is None or name in targets:
-                        put(name, Op(OpKind.FLUSH, None))
+                        self._put(batches, name, Op(FLUSH, None))
                         for c in ent.held:
                             held = plan.get(c)
                             if held is None:
@@ -436,50 +499,62 @@ class OffloadManager(CtObserver):
             held = plan.get(ctx)
             if held is None:
                 held = plan[ctx] = set(ctx.held)
-            if kind is OpKind.ADD:
+            if kind is ADD:
                 if ctx.dead:
                     continue
-                r = self._verdict(ctx)
+                # Judged at enqueue; judge again only if the config changed
+                # since, or a next hop went away meanwhile.
+                r = self._verdict(ctx) if arg != gen or not _resolved(ctx) else ""
                 if not r and not held and cap is not None and self._n_offloaded + new >= cap:
                     r = Reason.CAP
                 if r:
                     self._note(ctx, r)
                     continue
-                self._refresh_ctx(ctx)
+                conn = ctx.conn
+                ctx.proto_state = conn.state_name
+                ctx.mark = conn.mark
                 offered = False
                 for name, ent in entries.items():
                     if not ent.enabled or name in held or (targets and name not in targets):
                         continue
-                    if not self._can_offload(ent, ctx):
+                    if ent.can_offload is not None and not self._can_offload(ent, ctx):
                         continue
-                    put(name, Op(OpKind.ADD, ctx))
+                    b = batches.get(name)
+                    if b is None:
+                        b = batches[name] = Batch()
+                    b.ops.append(Op(ADD, ctx))
                     if not held:
                         new += 1
                     held.add(name)
                     offered = True
-                if offered:
-                    outcome.setdefault(ctx, "")
-                elif not held:
+                if not offered and not held:
                     self._note(ctx, Reason.NO_PROVIDER)
-            elif kind is OpKind.DEL:
-                names = set(held) if not force else set(targets or ())
+            elif kind is DEL:
+                names = set(held) if not arg else set(targets or ())
                 if targets is not None:
                     names &= targets
                 for name in names:
                     if name in entries:
-                        put(name, Op(OpKind.DEL, ctx))
+                        self._put(batches, name, Op(DEL, ctx))
                         held.discard(name)
             else:  # EST, POLICY, UPD go to holders only
                 if kind is not OpKind.UPD:
                     self._refresh_ctx(ctx)
                 for name in held:
                     if targets is None or name in targets:
-                        put(name, Op(kind, ctx))
+                        self._put(batches, name, Op(kind, ctx))
         return batches, outcome
+
+    @staticmethod
+    def _put(batches: dict[str, Batch], name: str, op: Op) -> None:
+        b = batches.get(name)
+        if b is None:
+            b = batches[name] = Batch()
+        b.ops.append(op)
 
     def _can_offload(self, ent: _Entry, ctx: ConnOffload) -> bool:
         try:
-            return bool(ent.provider.can_offload(ctx))
+            return bool(ent.can_offload(ctx))  # type: ignore[misc]
         except Exception:
             self._provider_raised(ent, "can_offload")
             return False
@@ -495,17 +570,39 @@ class OffloadManager(CtObserver):
         touched: set[ConnOffload],
     ) -> tuple[list[_Intent], int]:
         follow: list[_Intent] = []
-        n = 0
+        n = adds = 0
+        ADD = OpKind.ADD
         for name, batch in batches.items():
             ent = self._entries[name]
             raised = self._call(ent, batch)
             n += len(batch.ops)
-            self._c["ops"] += len(batch.ops)
+            held_by, stale = ent.held, ent.stale
             for op in batch.ops:
+                ctx = op.ctx
+                if op.kind is ADD and not op.err:  # the common case, inline
+                    if not ctx.held:
+                        self._n_offloaded += 1
+                        ctx.offloaded_at = now
+                        ctx.ever_offloaded = True
+                    ctx.held.add(name)
+                    held_by.add(ctx)
+                    if stale:
+                        stale.discard(ctx)
+                    touched.add(ctx)
+                    if ctx.reason or ctx.pending:  # was refused/pending before
+                        ctx.pending.discard(name)
+                        outcome.setdefault(ctx, "")
+                    adds += 1
+                    if ctx.dead:  # deleted while the ADD was in flight
+                        follow.append((OpKind.DEL, ctx, frozenset((name,)), False))
+                    continue
                 self._result(ent, op, raised, outcome, now, touched, follow)
+        self._c["ops"] += n
+        self._c["adds"] += adds
         for ctx, r in outcome.items():
             if ctx.held:
-                self._note(ctx, "")
+                if ctx.reason or ctx.pending:
+                    self._note(ctx, "")
             else:
                 self._note(ctx, r or Reason.PROVIDER_ERROR)
         return follow, n
@@ -575,13 +672,7 @@ class OffloadManager(CtObserver):
                 ent.stale.clear()
             return
         assert ctx is not None
-        if kind is OpKind.ADD:
-            if not err:
-                self._hold(ent, ctx, now, touched)
-                ctx.pending.discard(name)
-                if ctx.dead:  # deleted while the ADD was in flight
-                    follow.append((OpKind.DEL, ctx, frozenset((name,)), False))
-                return
+        if kind is OpKind.ADD:  # failures only: _dispatch handles success inline
             if err == _errno.EAGAIN:
                 ctx.pending.add(name)
                 r = Reason.EAGAIN
@@ -589,8 +680,8 @@ class OffloadManager(CtObserver):
                 r = Reason.ENOSPC
             else:
                 r = Reason.PROVIDER_ERROR
-            prev = outcome.get(ctx, "")
-            if not prev or (r == Reason.EAGAIN) or (r == Reason.ENOSPC and prev != Reason.EAGAIN):
+            prev = outcome.get(ctx, "")  # several providers: EAGAIN > ENOSPC > error
+            if not prev or r == Reason.EAGAIN or (r == Reason.ENOSPC and prev != Reason.EAGAIN):
                 outcome[ctx] = r
             if raised or op.result is _RAISED:  # may be half-installed: clean up
                 follow.append((OpKind.DEL, ctx, frozenset((name,)), True))
@@ -605,16 +696,6 @@ class OffloadManager(CtObserver):
         elif err:  # EST / POLICY refused: the entry may be wrong, take it out
             follow.append((OpKind.DEL, ctx, frozenset((name,)), False))
             self._withdrawn[Reason.PROVIDER_ERROR] += 1
-
-    def _hold(self, ent: _Entry, ctx: ConnOffload, now: float, touched: set[ConnOffload]) -> None:
-        if not ctx.held:
-            self._n_offloaded += 1
-            ctx.offloaded_at = now
-            ctx.ever_offloaded = True
-        ctx.held.add(ent.name)
-        ent.held.add(ctx)
-        ent.stale.discard(ctx)
-        touched.add(ctx)
 
     def _release(self, ent: _Entry, ctx: ConnOffload, touched: set[ConnOffload]) -> None:
         if ent.name in ctx.held:
@@ -679,9 +760,9 @@ class OffloadManager(CtObserver):
         r = self.policy.check(ctx.conn, ctx.dirs)
         if r:
             return r
-        if not any(e.enabled for e in self._entries.values()):
+        if not self._n_enabled:
             return Reason.NO_PROVIDER
-        if not ctx.resolved:
+        if not _resolved(ctx):
             return Reason.NEIGH_UNRESOLVED
         return ""
 
@@ -721,7 +802,7 @@ class OffloadManager(CtObserver):
             if not ctx.held:
                 self._note(ctx, r)
             return
-        self._enqueue(OpKind.ADD, ctx, targets)
+        self._enqueue(OpKind.ADD, ctx, targets, self._gen)
 
     def _offer_all(self, now: float, targets: frozenset[str] | None = None) -> None:
         for ctx in list(self._fwd):
@@ -853,42 +934,51 @@ class OffloadManager(CtObserver):
         """Neighbour ``addr`` on ``ifindex`` is (now) at ``mac``: install the
         flows pending on it, rewrite (POLICY) offloaded ones whose MAC changed.
         Returns the number of directions updated."""
-        n = 0
-        for ctx, i, d in self._nh_dirs(ifindex, addr):
-            if d.dst_mac == mac:
-                continue
-            ctx.dirs[i] = FlowDir(
-                d.in_ifindex, d.match, d.out, d.out_ifindex, d.src_mac, mac, d.mtu
-            )
-            n += 1
-            self._redecide(ctx)
-        self._auto(now)
+        self.begin(now)
+        try:
+            n = 0
+            for ctx, i, d in self._nh_dirs(ifindex, addr):
+                if d.dst_mac == mac:
+                    continue
+                ctx.dirs[i] = FlowDir(
+                    d.in_ifindex, d.match, d.out, d.out_ifindex, d.src_mac, mac, d.mtu
+                )
+                n += 1
+                self._redecide(ctx)
+        finally:
+            self.commit(now)
         return n
 
     def neigh_gone(self, ifindex: int, addr: bytes, now: float) -> int:
         """Neighbour ``addr`` on ``ifindex`` became invalid: withdraw the flows
         using it; they stay pending until it resolves again."""
-        n = 0
-        for ctx, i, d in self._nh_dirs(ifindex, addr):
-            if d.dst_mac is None:
-                continue
-            ctx.dirs[i] = FlowDir(
-                d.in_ifindex, d.match, d.out, d.out_ifindex, d.src_mac, None, d.mtu
-            )
-            n += 1
-            self._redecide(ctx)
-        self._auto(now)
+        self.begin(now)
+        try:
+            n = 0
+            for ctx, i, d in self._nh_dirs(ifindex, addr):
+                if d.dst_mac is None:
+                    continue
+                ctx.dirs[i] = FlowDir(
+                    d.in_ifindex, d.match, d.out, d.out_ifindex, d.src_mac, None, d.mtu
+                )
+                n += 1
+                self._redecide(ctx)
+        finally:
+            self.commit(now)
         return n
 
     def retry_pending(self, now: float) -> int:
         """Offer again every pending (EAGAIN, unresolved) and ENOSPC connection,
         and retry failed DELs. Returns the number of connections re-offered."""
-        ctxs = list(self._pending | self._retry)
-        for ctx in ctxs:
-            ctx.pending.clear()
-            self._consider(ctx)
-        self._queue_stale()
-        self._auto(now)
+        self.begin(now)
+        try:
+            ctxs = list(self._pending | self._retry)
+            for ctx in ctxs:
+                ctx.pending.clear()
+                self._consider(ctx)
+            self._queue_stale()
+        finally:
+            self.commit(now)
         return len(ctxs)
 
     def _queue_stale(self) -> None:
@@ -914,11 +1004,14 @@ class OffloadManager(CtObserver):
     def withdraw_where(self, pred: Callable[[ConnOffload], bool], now: float, reason: str) -> int:
         """``withdraw`` every connection with known forwarding for which
         ``pred(ctx)`` holds. Returns the number that were offloaded."""
-        n = 0
-        for ctx in list(self._fwd):
-            if pred(ctx):
-                n += self._withdraw_ctx(ctx, reason, forget=True)
-        self._auto(now)
+        self.begin(now)
+        try:
+            n = 0
+            for ctx in list(self._fwd):
+                if pred(ctx):
+                    n += self._withdraw_ctx(ctx, reason, forget=True)
+        finally:
+            self.commit(now)
         return n
 
     def withdraw_ifindex(self, ifindex: int, now: float, reason: str = "port-down") -> int:
@@ -941,7 +1034,7 @@ class OffloadManager(CtObserver):
         """Conntrack flush with offload: one FLUSH per provider (all zones) or
         DELs for the zone's offloaded connections, then (``flush_ct``)
         ``ct.flush(now, zone)``. Returns the number of ops dispatched."""
-        self.begin()
+        self.begin(now)
         try:
             if zone is None:
                 self._enqueue(OpKind.FLUSH, None)

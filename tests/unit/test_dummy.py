@@ -237,3 +237,21 @@ def test_record_false_keeps_no_call_log():
     p = DummyProvider(record=False)
     p.conn_add(ctx())
     assert p.calls == [] and len(p.held) == 1
+
+
+def test_native_batch_path_matches_single_calls():
+    """Without call log or faults batch_submit takes its fast path with the same errnos."""
+    p = DummyProvider(batch=True, capacity=2, record=False)
+    c1 = ctx(1)
+    b = Batch(
+        [
+            Op(OpKind.ADD, c1),
+            Op(OpKind.ADD, c1),
+            Op(OpKind.ADD, ctx(2, resolved=False)),
+            Op(OpKind.ADD, ctx(3)),
+            Op(OpKind.ADD, ctx(4)),
+        ]
+    )
+    p.batch_submit(b)
+    assert [op.err for op in b] == [0, errno.EEXIST, errno.EAGAIN, 0, errno.ENOSPC]
+    assert len(p.held) == 2 and p.stats()["adds"] == 2

@@ -462,6 +462,27 @@ def test_batch_mixes_op_kinds_in_order():
     assert p.hooks() == ["conn_del", "conn_policy", "conn_add"] and p.batches[-1] == 3
 
 
+def test_large_batch_is_submitted_in_chunks_in_order():
+    """A batch beyond max_batch ops is submitted in max_batch-sized chunks, in order."""
+    ct = FakeCt()
+    p = DummyProvider(batch=True)
+    mgr = OffloadManager(ct, [p], max_batch=3)
+    with mgr.batch(1.0):
+        conns = [offloaded_conn(ct, mgr, 1000 + i) for i in range(7)]
+        assert p.batches == [3, 3]
+    assert p.batches == [3, 3, 1] and all(mgr.is_offloaded(c) for c in conns)
+    assert [c.orig.sport for c in p.hooks("conn_add")] == list(range(1000, 1007))
+
+
+def test_policy_change_before_submission_is_honoured():
+    """An ADD queued under the old policy is not sent if the policy now refuses it."""
+    ct, mgr, p = setup()
+    with mgr.batch(1.0):
+        c = offloaded_conn(ct, mgr)  # ADD queued
+        mgr.set_policy(EligibilityPolicy(zones=frozenset({5})), 1.0)
+    assert p.hooks() == ["init"] and mgr.reason(c) == Reason.ZONE
+
+
 @both
 def test_partial_batch_failure_one_enospc_among_many(batch):
     """One ENOSPC among many ADDs: the others are held, only that one is refused."""
@@ -1408,7 +1429,7 @@ def test_real_raising_provider_never_breaks_the_tracker():
     """A provider raising in every hook: every packet still tracked, no observer errors."""
 
     class Broken(DummyProvider):
-        def _fault(self, hook, ctx):
+        def _enter(self, hook, ctx):
             if hook != "init":
                 raise RuntimeError(f"broken {hook}")
             return 0
