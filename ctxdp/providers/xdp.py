@@ -844,7 +844,8 @@ class XdpProvider(Provider):
                 if o0 is h:
                     o1 = setdefault(k1, h)
                     if o1 is not h or k0 == k1:
-                        del owner[k0]
+                        del owner[k0]  # back out: k0 was free before
+                        o0 = None
                         h = None
                 else:
                     o1 = owner.get(k1)

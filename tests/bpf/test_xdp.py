@@ -344,6 +344,18 @@ def test_key_owned_by_another_connection_is_eexist(prov, xports):
     assert map_len(prov) == 2 and prov.slot_of(b) is None
 
 
+def test_clash_on_the_reply_key_only_leaves_the_original_key_free(prov, xports):
+    """A connection whose reply key is taken is EEXIST and its free key stays free."""
+    a = make_ctx(xports, 0)
+    assert prov.conn_add(a) == 0
+    b = make_ctx(xports, 1)
+    b.dirs[1] = a.dirs[1]  # same reply entry as a, different original one
+    assert prov.conn_add(b) == errno.EEXIST
+    c = make_ctx(xports, 1)  # b's original key must not be left claimed
+    assert prov.conn_add(c) == 0
+    assert map_len(prov) == 4
+
+
 def test_readd_rewrites_in_place(prov, xports):
     """Adding a held connection again (or conn_policy) rewrites it on the same slot."""
     ctx = make_ctx(xports)
