@@ -13,7 +13,13 @@ Contract:
   unresolved next hop makes the offload *pending* (reason
   ``neigh-unresolved``); ``neigh_resolved`` or ``retry_pending`` offers it
   again. A provider's ``EAGAIN`` is pending too; ``ENOSPC`` is retried only by
-  ``retry_pending``.
+  ``retry_pending``; other refusals (``EIO``, a raise) are offered again only
+  when something changes (forwarding, policy, switches). Refusals that
+  packets can clear (``min-pkts``, ``cap``, ``has-children``) are re-checked
+  from the per-packet ``on_update`` hook, which is free for other conns.
+- ``withdraw`` (and ``withdraw_where`` / ``_ifindex`` / ``_mac``) forgets the
+  connection's forwarding: it is offered again once the slow path has
+  forwarded both directions again. Switch-offs and neighbour loss keep it.
 - Offload mark: a connection is offloaded only once a provider accepted it
   (``ctx.held``, ``is_offloaded``). DEL, EST, POLICY and UPD go only to the
   providers that hold the connection, whatever the enabled switches say. So
@@ -29,10 +35,11 @@ Contract:
   submits its own operations before returning (auto-commit), so single-packet
   paths work unbatched. The daemon opens one batch per receive burst and one
   around ``ct.sweep``. A batch that grows to ``max_batch`` operations is
-  submitted in chunks of that size (order kept), bounding memory and latency. Batches are per thread; ONE ``threading.Lock`` is held
-  around the submission of a whole batch (never per operation). Providers
-  with ``batch_submit`` get one ``Batch`` per submission; the others one call
-  per operation, inside the same lock hold.
+  submitted in chunks of that size (order kept), bounding memory and
+  latency. Batches are per thread; ONE ``threading.Lock`` is held around the
+  submission of a whole batch (never per operation). Providers with
+  ``batch_submit`` get one ``Batch`` per submission; the others one call per
+  operation, inside the same lock hold.
 - Eligibility is judged when an ADD is queued and again at submission if
   the configuration (policy, switches, providers) changed in between, so a
   connection is offloaded only if policy allows it at the time of offload.
@@ -54,6 +61,15 @@ Contract:
   connection is deleted without ever having been offloaded, so that every
   normal connection is not counted as refused on its way to offload.
 - Nothing here reads a clock or imports bcc, sockets or pyroute2.
+
+Daemon-facing API: ``batch(now)`` / ``begin`` / ``commit``;
+``set_forwarding`` (``flow_dir`` builds the ``FlowDir``),
+``update_forwarding``, ``neigh_resolved``, ``neigh_gone``, ``retry_pending``,
+``age``, ``withdraw``, ``withdraw_where``, ``withdraw_ifindex``,
+``withdraw_mac``, ``flush``, ``enable`` / ``disable``, ``enable_provider`` /
+``disable_provider``, ``add_provider`` / ``remove_provider``, ``set_policy``,
+``close``; lookups ``is_offloaded``, ``reason``, ``ctx``, ``offloaded``,
+``pending``, ``stats``.
 """
 
 from __future__ import annotations

@@ -385,6 +385,16 @@ def test_delete_after_refused_add_sends_no_del():
     assert p.hooks("conn_del") == []
 
 
+def test_forwarding_reported_after_deletion_is_ignored():
+    """set_forwarding for a conn the tracker already deleted never offers it."""
+    ct, mgr, p = setup()
+    c = ct.new(1000)
+    ct.establish(c)
+    ct.delete(c)
+    fwd(mgr, c)
+    assert p.hooks() == ["init"] and not mgr.is_offloaded(c)
+
+
 def test_repeated_identical_forwarding_is_free():
     """set_forwarding with an unchanged decision sends nothing more."""
     ct, mgr, p = setup()
@@ -539,6 +549,25 @@ def test_one_lock_is_held_around_a_whole_batch():
     t.join()
     sports = [ctx.orig.sport for h, ctx in p.calls if h == "conn_add"]
     assert sports == [1000, 1001, 1002, 1003, 1004, 2000]
+
+
+def test_batches_are_per_thread():
+    """A batch left open on one thread does not hold back another thread's ops."""
+    ct, mgr, p = setup()
+    opened, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with mgr.batch(1.0):
+            opened.set()
+            release.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    opened.wait(5)
+    c = offloaded_conn(ct, mgr)
+    assert p.holds(c)  # submitted by this thread's auto-commit
+    release.set()
+    t.join()
 
 
 @both
