@@ -312,6 +312,23 @@ static __always_inline void rewrite_v6(struct ct_pkt *pkt, void *data_end, __u8 
 		nat_l4(pkt->l4, data_end, proto, flags, v);
 }
 
+/* struct ethhdr is packed, so memcpy into it goes byte by byte (24 loads and
+ * stores). Both MACs sit at even offsets in the frame and in the value, so
+ * copy them as 16-bit words instead. */
+static __always_inline void set_macs(struct ethhdr *eth, struct ct_flow_val *v)
+{
+	__u16 *d = (__u16 *)eth;
+	__u16 *dm = (__u16 *)v->dmac;
+	__u16 *sm = (__u16 *)v->smac;
+
+	d[0] = dm[0];
+	d[1] = dm[1];
+	d[2] = dm[2];
+	d[3] = sm[0];
+	d[4] = sm[1];
+	d[5] = sm[2];
+}
+
 static __always_inline void ct_count(__u32 idx)
 {
 	u64 *c = ct_stats.lookup(&idx);
@@ -373,8 +390,7 @@ static __always_inline int ct_forward(struct xdp_md *ctx, void *data, void *data
 		rewrite_v6(pkt, data_end, key->proto, v);
 	else
 		rewrite_v4(pkt, data_end, key->proto, v);
-	__builtin_memcpy(eth->h_dest, v->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, v->smac, ETH_ALEN);
+	set_macs(eth, v);
 
 	/* Several CPUs may forward the same flow: atomic adds keep it exact. */
 	__sync_fetch_and_add(&v->packets, 1);

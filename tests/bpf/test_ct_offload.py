@@ -5,6 +5,7 @@ One live-frames test checks real delivery through the devmap to a veth peer."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -17,7 +18,7 @@ from ctxdp import bpfsys
 from ctxdp.conntrack.flowtuple import FlowTuple
 from ctxdp.providers import xdp_layout as L
 from ctxdp.providers.base import FlowDir
-from tests.bpf.conftest import ip
+from tests.bpf.conftest import BPF_DIR, ip
 from tests.privileged import require_bcc
 
 pytestmark = pytest.mark.privileged
@@ -651,3 +652,60 @@ def test_live_frames_reach_the_egress_peer(ct, sink):
     assert sink[0].value - before == n
     assert ct.entry(key).packets == n
     assert ct.stats()["hit"] == n
+
+
+# --- pinning --------------------------------------------------------------------------
+
+
+def test_pinned_build_is_adopted_by_the_next_load():
+    """With -DCT_PIN_DIR every map is pinned under the directory, ct_tx_ports is
+    the DEVMAP_HASH the loader pinned there first, and a second load adopts the
+    same maps with their contents."""
+    bcc = require_bcc()
+    pin_dir = f"/sys/fs/bpf/ctxdp_test_{os.urandom(4).hex()}"
+    names = ("ct_flows", "ct_last_used", "ct_stats", "ct_tx_ports")
+    os.mkdir(pin_dir)
+    tx_fd = None
+    loaded = []
+    try:
+        tx_fd = bpfsys.map_create("devmap_hash", 4, 4, L.CT_MAX_PORTS, name="ct_tx_ports")
+        bpfsys.obj_pin(tx_fd, f"{pin_dir}/ct_tx_ports")
+        cflags = [f"-I{BPF_DIR}", "-DCT_MAX_CONNS=512", f'-DCT_PIN_DIR="{pin_dir}"']
+
+        def load():
+            b = bcc.BPF(src_file=str(BPF_DIR / "ct_offload.c").encode(), cflags=cflags)
+            loaded.append(b)
+            b.load_func(b"ct_offload_xdp", bcc.BPF.XDP)
+            return b, {n: bpfsys.map_info(b[n.encode()].map_fd) for n in names}
+
+        b1, info1 = load()
+        assert sorted(os.listdir(pin_dir)) == sorted(names)
+        assert (info1["ct_flows"].type, info1["ct_flows"].max_entries) == (
+            bpfsys.MAP_TYPE["hash"],
+            1024,
+        )
+        assert (info1["ct_flows"].key_size, info1["ct_flows"].value_size) == (44, 96)
+        assert info1["ct_last_used"].type == bpfsys.MAP_TYPE["array"]
+        assert info1["ct_last_used"].flags & bpfsys.BPF_F_MMAPABLE
+        assert info1["ct_last_used"].max_entries == 512
+        assert info1["ct_stats"].type == bpfsys.MAP_TYPE["percpu_array"]
+        assert info1["ct_tx_ports"].type == bpfsys.MAP_TYPE["devmap_hash"]
+        assert info1["ct_tx_ports"].id == bpfsys.map_info(tx_fd).id
+        m = FlowTuple(4, 6, b"\x0a\0\0\x01", b"\x0a\0\0\x02", 1, 2)
+        key, val = L.flowdir_entry(FlowDir(1, m, m, 2, b"\1" * 6, b"\2" * 6), 5)
+        bpfsys.map_update(b1[b"ct_flows"].map_fd, key, val)
+        b1.cleanup()
+        loaded.remove(b1)
+
+        b2, info2 = load()
+        assert {n: i.id for n, i in info2.items()} == {n: i.id for n, i in info1.items()}
+        assert bpfsys.map_lookup(b2[b"ct_flows"].map_fd, key, 96) == val
+    finally:
+        for b in loaded:
+            b.cleanup()
+        for n in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{pin_dir}/{n}")
+        os.rmdir(pin_dir)
+        if tx_fd is not None:
+            os.close(tx_fd)
