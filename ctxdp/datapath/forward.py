@@ -9,7 +9,9 @@ Contract:
   ``ifindex``, ``mac``, ``mtu``, ``send(frame) -> bool`` and
   ``is_local_dst(addr)``.
 - ``process(frame, in_port, now)`` runs the packet walk of the design brief:
-  parse; leave the kernel what is its own; TTL check (ICMP time exceeded);
+  parse; leave the kernel what is its own (non-IP, and packets to a local
+  address unless conntrack or a port-forward claims them: NAT comes before
+  the local decision); TTL check (ICMP time exceeded);
   conntrack lookup; for NEW: DNAT decision, route, policy, commit with NAT;
   route the (translated) packet; MTU check (ICMP fragmentation needed /
   packet too big); next-hop MAC (unresolved: resolve, queue briefly); TTL
@@ -48,6 +50,22 @@ _UNRES_TTL = 1.0  # seconds a queued frame waits for its next hop
 
 def _tuple(pkt: P.Packet) -> FlowTuple:
     return FlowTuple(pkt.family, pkt.proto, pkt.src, pkt.dst, pkt.sport, pkt.dport)
+
+
+def _as_sent(frame: bytearray, match: FlowTuple) -> P.Packet:
+    """A copy of ``frame`` with NAT undone: the datagram as its sender sent it
+    (``match`` is its tuple before conntrack), for the quote of an ICMP error."""
+    buf = bytearray(frame)
+    p = P.parse(buf)
+    if p.src != match.src:
+        P.set_src(buf, p, match.src)
+    if p.dst != match.dst:
+        P.set_dst(buf, p, match.dst)
+    if p.sport != match.sport:
+        P.set_sport(buf, p, match.sport)
+    if p.dport != match.dport:
+        P.set_dport(buf, p, match.dport)
+    return p
 
 
 class Forwarder:
@@ -119,7 +137,10 @@ class Forwarder:
         if not pkt.valid:
             self._drop("malformed")
             return
-        if pkt.family == 0 or in_port.is_local_dst(pkt.dst):
+        zone = self.zones.get(in_port.ifindex, 0)
+        if pkt.family == 0 or (
+            in_port.is_local_dst(pkt.dst) and not self._claims_local(pkt, in_port, zone)
+        ):
             self.stats["to_kernel"] += 1  # ARP, ND, ping to the router: the kernel's
             return
         if pkt.ttl <= 1:
@@ -129,10 +150,10 @@ class Forwarder:
             self._drop("ttl-exceeded")
             return
         # Oversized frames need the sender's view of the datagram for a PMTU
-        # error, and NAT is about to rewrite it in place: keep a copy only then.
+        # error, and NAT is about to rewrite it in place: keep a copy only then
+        # (a route MTU below every port's is handled by undoing NAT on a copy).
         orig_frame = bytes(frame) if pkt.ip_len > self.min_mtu else None
 
-        zone = self.zones.get(in_port.ifindex, 0)
         match = _tuple(pkt)
         res = self.ct.execute(pkt, zone, now)
         st = res.state
@@ -160,7 +181,10 @@ class Forwarder:
         if pkt.ip_len > mtu:
             df = pkt.family == 6 or (frame[pkt.l3 + 6] & 0x40)
             if df:
-                sent = P.parse(bytearray(orig_frame)) if orig_frame is not None else pkt
+                if orig_frame is not None:
+                    sent = P.parse(bytearray(orig_frame))
+                else:
+                    sent = _as_sent(frame, match)
                 self._icmp_error(frame, sent, in_port, "too-big", mtu)
                 self._drop("mtu-exceeded")
             else:
@@ -181,6 +205,23 @@ class Forwarder:
             self.stats["forwarded"] += 1
         else:
             self._drop("tx-error")
+
+    def _claims_local(self, pkt: P.Packet, in_port: Any, zone: int) -> bool:
+        """Whether a packet to one of the router's own addresses is still ours.
+
+        NAT comes before the local-or-forward decision (the kernel's
+        PREROUTING): the reply of a masqueraded connection, a port-forward
+        to the router's address, and an ICMP error about either are all
+        addressed to us but belong to a tracked (or DNAT-able) connection.
+        Everything else to a local address is the kernel's (ping, SSH).
+        """
+        t = _tuple(pkt)
+        if self.ct.get(zone, t) is not None:
+            return True
+        inner = pkt.inner
+        if inner is not None and self.ct.get(zone, _tuple(inner).reverse()) is not None:
+            return True
+        return self.policy.dnat_for(in_port.name, t)[0] is not None
 
     def _new(self, pkt: P.Packet, orig: FlowTuple, in_port: Any, zone: int, now: float):
         """Admit and commit a NEW connection; None (counted) when refused."""
