@@ -5,7 +5,11 @@ Contract:
   the calling process: forwarding off (refuses to start otherwise), the
   tracker, the offload manager with its providers, AF_PACKET ports, netlink
   caches (links, addresses, routes, neighbours) and the control socket.
-  ``start()`` acquires the kernel resources, ``run()`` loops until ``stop()``
+  ``start()`` acquires the kernel resources and hands them to
+  ``assemble(ports, router, neigh, links, providers, xdp=, port_addr=)``,
+  which wires the pure half (tracker, offload manager, policy, forwarder,
+  event callbacks); tests call ``assemble`` with fakes instead of
+  ``start()``. ``run()`` loops until ``stop()``
   or SIGTERM/SIGINT, and ``close()`` releases everything (XDP detached and
   pins removed unless ``offload.keep_on_restart``).
 - One thread, one ``selectors`` loop: port sockets, the netlink event socket
@@ -68,7 +72,11 @@ def eligibility(cfg: Config, ifindex_of: dict[str, int]) -> EligibilityPolicy:
     return EligibilityPolicy(
         protocols=frozenset(o.protocols),
         zones=frozenset(o.zones) if o.zones is not None else None,
-        opt_out_ifindex=frozenset(ifindex_of[p.name] for p in cfg.ports if not p.offload),
+        # A port only in a reloaded config is not open (ports need a restart):
+        # it has no ifindex yet, and no traffic to opt out.
+        opt_out_ifindex=frozenset(
+            ifindex_of[p.name] for p in cfg.ports if not p.offload and p.name in ifindex_of
+        ),
         min_pkts=o.min_packets,
         max_offloaded=o.max_offloaded or o.map_size,
     )
@@ -102,6 +110,8 @@ class Daemon:
         self.nl = self.ports = self.router = self.neigh = self.links = self.local = None
         self.control = None
         self._saved_sysctl: dict[str, str] | None = None
+        self._addr_fn = self._port_addr
+        self._proc: Any = None  # one psutil handle: cpu_percent measures between calls
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> Daemon:
@@ -127,26 +137,9 @@ class Daemon:
         self.local = LocalAddrs(self.nl)
         self.ports = PortSet(list(cfg.port_names), local=self.local)
         self.ports.watch(self.links)
-        self.router = Router(self.nl)
-        self.neigh = NeighTable(self.nl)
-        ifindex_of = {p.name: p.ifindex for p in self.ports}
-        self.min_mtu = min(p.mtu for p in self.ports)
-
-        self.ct = ConnTracker(ct_config(cfg))
-        self.mgr = OffloadManager(
-            self.ct, (), eligibility(cfg, ifindex_of), enabled=cfg.offload.enabled
-        )
-        for p in self._make_providers():
-            self.mgr.add_provider(p)
-        self.policy = Policy.from_config(cfg, port_addr=self._port_addr)
-        zones = {ifindex_of[p.name]: p.zone for p in cfg.ports}
-        self.fwd = Forwarder(self.ct, self.mgr, self.policy, self.router, self.neigh,
-                             self.ports, zones)
-        self.fwd.min_mtu = self.min_mtu
-
-        self.neigh.on_change(self._on_neigh)
-        self.router.on_change(self._on_route)
-        self.links.on_change(self._on_link)
+        providers = self._make_providers()
+        self.assemble(self.ports, Router(self.nl), NeighTable(self.nl), self.links, providers,
+                      xdp=self.xdp)
 
         for port in self.ports:
             self._sel.register(port.fileno(), selectors.EVENT_READ, ("port", port))
@@ -156,6 +149,43 @@ class Daemon:
         log.info("ctxdp started: ports=%s providers=%s offload=%s",
                  ",".join(cfg.port_names), ",".join(p.name for p in self.mgr.providers()),
                  "on" if cfg.offload.enabled else "off")
+
+    def assemble(self, ports: Any, router: Any, neigh: Any, links: Any,
+                 providers: list[Provider], *, xdp: Any = None,
+                 port_addr: Any = None) -> Daemon:
+        """Wire the pure half of the router over kernel parts that are ready.
+
+        ``_start`` calls it with the real port set, router, neighbour table
+        and link watcher; unit tests call it with fakes and never ``start()``,
+        so the tracker, offload manager, policy, forwarder and event callbacks
+        under test are wired exactly as in production. ``xdp`` is the XDP
+        provider (teardown flags, fast-path counters, flows, map stats) when
+        one is among ``providers``; ``port_addr(ifname, family)`` replaces the
+        netlink lookup of masquerade addresses.
+        """
+        cfg = self.cfg
+        self.ports, self.router, self.neigh, self.links = ports, router, neigh, links
+        self.xdp = xdp
+        if port_addr is not None:
+            self._addr_fn = port_addr
+        ifindex_of = {p.name: p.ifindex for p in ports}
+        self.min_mtu = min(p.mtu for p in ports)
+
+        self.ct = ConnTracker(ct_config(cfg))
+        self.mgr = OffloadManager(
+            self.ct, (), eligibility(cfg, ifindex_of), enabled=cfg.offload.enabled
+        )
+        for p in providers:
+            self.mgr.add_provider(p)
+        self.policy = Policy.from_config(cfg, port_addr=self._addr_fn)
+        zones = {ifindex_of[p.name]: p.zone for p in cfg.ports}
+        self.fwd = Forwarder(self.ct, self.mgr, self.policy, router, neigh, ports, zones)
+        self.fwd.min_mtu = self.min_mtu
+
+        neigh.on_change(self._on_neigh)
+        router.on_change(self._on_route)
+        links.on_change(self._on_link)
+        return self
 
     def _make_providers(self) -> list[Provider]:
         o = self.cfg.offload
@@ -360,7 +390,7 @@ class Daemon:
             log.warning("reload: port changes need a restart; keeping %s", self.cfg.port_names)
         now = self.clock()
         self.cfg = new
-        self.policy = Policy.from_config(new, port_addr=self._port_addr)
+        self.policy = Policy.from_config(new, port_addr=self._addr_fn)
         self.fwd.policy = self.policy
         ifindex_of = {p.name: p.ifindex for p in self.ports}
         self.mgr.set_policy(eligibility(new, ifindex_of), now)
@@ -466,7 +496,9 @@ class Daemon:
             maps = {"flows_used": s.get("entries", 0), "flows_max": 2 * s.get("capacity_conns", 0),
                     "conns_used": s.get("conns", 0), "conns_max": s.get("capacity_conns", 0)}
         ms = self.mgr.stats
-        proc = psutil.Process()
+        if self._proc is None:
+            self._proc = psutil.Process()
+        proc = self._proc
         return {
             "slow_path": {"pps": round(self.pps, 1), **dict(self.fwd.stats),
                           "dropped": dict(self.fwd.dropped)},

@@ -5,7 +5,8 @@ Contract:
 - ``FakePort`` / ``FakePortSet`` have the duck type ``Forwarder`` and
   ``Daemon`` use from ``ctxdp.datapath.ports``: ``name``, ``ifindex``,
   ``mac``, ``mtu``, ``send(frame) -> bool`` (frames are kept in ``sent``;
-  ``fail_tx`` makes it fail), ``is_local_dst(addr)`` (one address set shared
+  ``fail_tx`` makes it fail), ``recv_burst(n)`` (delivers the frames
+  appended to ``rx``), ``is_local_dst(addr)`` (one address set shared
   by the whole set, as the kernel's local table is namespace-wide), and
   ``by_ifindex`` / ``by_name`` / iteration / ``close``.
 - ``FakeRouter`` answers ``lookup(family, dst)`` with the REAL ``Route``
@@ -18,7 +19,7 @@ Contract:
   reports ``(ifindex, addr, old, new)`` when the usable MAC changed.
 - ``FakeLinks`` has ``on_change`` and ``fire(old, new)`` with the real
   ``LinkState`` type.
-- ``FakeXdp`` is a ``DummyProvider`` named ``xdp`` with the XDP provider's
+- ``FakeXdp`` is a ``DummyProvider`` (wrapped) named ``xdp`` with the XDP provider's
   extra read-outs the daemon uses: ``teardown_flagged()``, ``counters()``,
   ``flows()`` and ``stats()`` in the XDP provider's key vocabulary.
 - ``FakeClock`` is a settable monotonic clock (``clock()``, ``advance``).
@@ -107,7 +108,13 @@ class FakePort:
         self.mtu = mtu
         self.local = local if local is not None else set()
         self.sent: list[bytes] = []
+        self.rx: list[bytearray] = []
         self.fail_tx = False
+
+    def recv_burst(self, max_n: int = 64) -> list[bytearray]:
+        """Up to ``max_n`` of the frames queued in ``rx`` (the daemon's receive path)."""
+        out, self.rx = self.rx[:max_n], self.rx[max_n:]
+        return out
 
     def send(self, frame_: bytes | bytearray | memoryview) -> bool:
         if self.fail_tx:
@@ -299,16 +306,26 @@ class FakeFlowRow:
     dir: int
 
 
-class FakeXdp(DummyProvider):
-    """A dummy provider that also answers the XDP provider's read-outs."""
+class FakeXdp:
+    """A dummy provider named ``xdp`` that also answers the XDP provider's read-outs.
+
+    It wraps rather than subclasses ``DummyProvider``, whose ``counters``
+    attribute (fault counts) would hide the XDP provider's ``counters()``;
+    every provider hook and dummy helper is forwarded to ``dummy``.
+    """
+
+    name = "xdp"
 
     def __init__(self, **kw: Any) -> None:
-        super().__init__("xdp", **kw)
+        self.dummy = DummyProvider("xdp", **kw)
         self.flagged: list[OffloadCtx] = []
         self.fast: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
         self.prog_stats: dict[str, int] = {"hit": 0, "miss": 0, "punt_fin_rst": 0,
                                            "punt_ttl": 0, "redirect_err": 0}
         self.capacity_conns = 1024
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.dummy, attr)
 
     def teardown_flagged(self) -> list[OffloadCtx]:
         out, self.flagged = self.flagged, []
