@@ -149,8 +149,7 @@ def link(ifindex: int = WAN_IF, *, up: bool = True, mtu: int = 1500) -> LinkStat
 
 
 def test_tick_refreshes_expiry_from_last_used_and_expires_idle_connections(rig):
-    """The aging tick pushes expiry out from the provider's last-used time, and a
-    connection idle in both paths past its timeout is deleted and withdrawn."""
+    """The tick refreshes expiry from last-used and deletes/withdraws idle connections."""
     r = rig()
     conn, _ = establish(r)
     assert r.prov.holds(conn)
@@ -167,8 +166,7 @@ def test_tick_refreshes_expiry_from_last_used_and_expires_idle_connections(rig):
 
 
 def test_tick_folds_fast_path_counters_once(rig):
-    """Fast-path packet/byte counters are added to the connection's counters as
-    deltas, so each packet is counted once across ticks."""
+    """Fast-path counters are folded into the connection as deltas, counted once."""
     r = rig(xdp=True)
     conn, _ = establish(r)
     ctx = r.d.mgr.ctx(conn)
@@ -198,8 +196,7 @@ def test_tick_ends_offload_of_connections_xdp_flagged_fin_rst(rig):
 
 
 def test_reload_with_denying_policy_withdraws_deletes_and_stops_traffic(rig):
-    """A policy that no longer admits an offloaded connection withdraws it from the
-    provider and deletes it from conntrack; its next packet is not forwarded."""
+    """A denying reload withdraws and deletes the connection; its traffic stops."""
     r = rig()
     conn, flow = establish(r)
     assert r.prov.holds(conn)
@@ -222,8 +219,7 @@ def test_reload_withdraws_only_what_the_new_policy_rejects(rig):
 
 
 def test_reload_with_changed_nat_rule_withdraws_and_deletes(rig):
-    """A connection masqueraded under the old config is gone after a reload that
-    SNATs to another address; an identical reload changes nothing."""
+    """A changed NAT rule withdraws and deletes the connection; an identical reload does not."""
     r = rig(MASQ)
     conn, _ = establish(r)
     assert conn.reply.dst == a("192.0.2.1") and r.prov.holds(conn)
@@ -276,8 +272,7 @@ def test_neighbour_mac_change_rewrites_the_offloaded_entry(rig):
 
 
 def test_neighbour_gone_withdraws_and_return_reinstalls(rig):
-    """A next hop that becomes invalid withdraws the entry (pending), and it is
-    installed again when the neighbour resolves."""
+    """A next hop going invalid withdraws the entry; resolving again reinstalls it."""
     r = rig()
     conn, _ = establish(r)
     r.neigh.set(WAN_IF, GW, None)
@@ -288,8 +283,7 @@ def test_neighbour_gone_withdraws_and_return_reinstalls(rig):
 
 
 def test_unresolved_next_hop_is_pending_until_the_neighbour_resolves(rig):
-    """Frames to an unresolved gateway wait; when it resolves they are sent and the
-    connection, pending until then, is offloaded."""
+    """With the gateway unresolved frames wait and offload is pending until it resolves."""
     r = rig()
     del r.neigh.table[(WAN_IF, GW)]
     flow = TcpFlow(("10.0.1.5", 40000), ("203.0.113.7", 80), ("203.0.113.7", 80))
@@ -308,8 +302,7 @@ def test_unresolved_next_hop_is_pending_until_the_neighbour_resolves(rig):
 
 
 def test_route_change_withdraws_and_the_new_path_is_offloaded(rig):
-    """A route change for an offloaded destination withdraws the connection; once
-    the slow path forwards it both ways again it is offloaded via the new gateway."""
+    """A route change withdraws the connection; it is offloaded again via the new gateway."""
     r = rig()
     conn, flow = establish(r)
     new_gw_mac = mac("02:bb:00:00:00:53")
@@ -324,8 +317,7 @@ def test_route_change_withdraws_and_the_new_path_is_offloaded(rig):
 
 
 def test_port_down_withdraws_its_connections(rig):
-    """A port going down withdraws every connection through it; other links'
-    events are ignored."""
+    """A port going down withdraws its connections; other links' events are ignored."""
     r = rig()
     conn, _ = establish(r)
     r.links.fire(link(9), link(9, up=False))
@@ -336,8 +328,7 @@ def test_port_down_withdraws_its_connections(rig):
 
 
 def test_port_removed_or_mtu_changed_withdraws_and_updates_min_mtu(rig):
-    """A port MTU change withdraws its connections and lowers the forwarder's
-    copy threshold; a removed port withdraws too."""
+    """A port MTU change or removal withdraws its connections and updates min_mtu."""
     r = rig()
     conn, flow = establish(r)
     r.wan.mtu = 1400  # PortSet's own link watcher refreshes the port first
@@ -363,8 +354,7 @@ TUPLE_KEYS = {"family", "proto", "src", "dst", "sport", "dport"}
 
 
 def test_conntrack_rows_follow_the_connrow_schema(rig):
-    """``conntrack`` returns ConnRow dicts (text addresses, NATed reply tuple),
-    filtered by zone, JSON-serialisable."""
+    """conntrack returns JSON-able ConnRow dicts with the NATed reply, filtered by zone."""
     r = rig(MASQ)
     conn, _ = establish(r)
     res = json.loads(json.dumps(r.d.handle("conntrack", {})))
@@ -401,8 +391,7 @@ def test_flows_rows_follow_the_flowrow_schema(rig):
 
 
 def test_flush_and_offload_switch_commands(rig):
-    """``flush`` empties conntrack and the provider (by zone too); ``offload``
-    disable withdraws and enable offers the connections again."""
+    """flush empties tracker and provider (by zone too); offload disable/enable toggles."""
     r = rig()
     conn, _ = establish(r)
     assert r.d.handle("offload", {"enabled": False}) == {"enabled": False, "offloaded": 0}
@@ -458,8 +447,7 @@ def _offloaded_with_stats(rig) -> SimpleNamespace:
 
 
 def test_stats_sections_and_values(rig):
-    """``stats`` reports slow path, fast path (hits, misses, punts by reason), offload,
-    map occupancy, conntrack and process sections from the live components."""
+    """stats reports every section from the live slow path, XDP, manager and tracker."""
     r = _offloaded_with_stats(rig)
     s = json.loads(json.dumps(r.d.handle("stats", {})))
     assert list(s) == ["slow_path", "fast_path", "offload", "maps", "conntrack", "process"]
@@ -472,8 +460,7 @@ def test_stats_sections_and_values(rig):
 
 
 def test_cli_text_formatter_renders_every_section_of_the_real_stats(rig):
-    """``format_stats`` of the daemon's real stats dict prints content under every
-    section, not only the section names."""
+    """format_stats prints content under every section of the daemon's real stats."""
     r = _offloaded_with_stats(rig)
     text = cli.format_stats(json.loads(json.dumps(r.d.handle("stats", {}))))
     secs = _sections(text)
@@ -488,8 +475,7 @@ def test_cli_text_formatter_renders_every_section_of_the_real_stats(rig):
 
 
 def test_ctxdp_stats_against_the_daemon_over_the_control_socket(rig, capsys):
-    """``ctxdp stats`` (text mode) through a real control socket served by the daemon
-    prints the same sections and keys as the formatter."""
+    """`ctxdp stats` over a real control socket prints the formatter's sections and keys."""
     r = _offloaded_with_stats(rig)
     d = tempfile.mkdtemp(prefix="ctxdp-dmn-", dir="/tmp")
     srv = ControlServer(os.path.join(d, "c.sock"), r.d)
@@ -511,8 +497,7 @@ def test_ctxdp_stats_against_the_daemon_over_the_control_socket(rig, capsys):
 
 
 def test_reload_with_an_added_port_keeps_running_and_applies_the_policy(rig):
-    """Port changes need a restart, but a reload that adds one (even opted out of
-    offload) must not fail: the policy part is still applied."""
+    """A reload adding a port (offload off) does not fail and still applies the policy."""
     r = rig()
     conn, _ = establish(r)
     r.reconfigure({"ports": [*BASE["ports"], {"name": "dmz0", "offload": False}],
@@ -522,8 +507,7 @@ def test_reload_with_an_added_port_keeps_running_and_applies_the_policy(rig):
 
 
 def test_process_cpu_percent_measures_since_the_previous_stats_call(rig):
-    """``process.cpu_percent`` is the CPU used since the previous ``stats`` call, so a
-    busy interval between two calls shows up (a fresh psutil handle always says 0)."""
+    """process.cpu_percent measures CPU used since the previous stats call (not always 0)."""
     import time
 
     r = rig()

@@ -108,8 +108,7 @@ def handshake(t: SimpleNamespace, flow: TcpFlow, now: float = 1.0) -> None:
 
 
 def test_tcp_handshake_forwarded_rewritten_and_offloaded():
-    """A handshake crosses the router with TTL-1, the egress/next-hop MACs and valid
-    checksums, and the connection reaches the provider only after the final ACK."""
+    """A handshake is forwarded with TTL-1, egress MACs, valid checksums; offloaded after ACK."""
     t = make()
     flow = web_flow()
     t.fwd.process(flow.send("a", "S"), t.lan, 1.0)
@@ -162,8 +161,7 @@ def test_policy_deny_drops_counts_and_tracks_nothing():
 
 
 def test_masquerade_rewrites_source_and_reverse_translates_the_reply():
-    """Masquerade puts the WAN port's address on the wire; the reply, addressed to
-    that (local) address, is translated back to the client and forwarded."""
+    """Masquerade rewrites the source; the reply to that local address goes back to the client."""
     t = make({"nat": [{"type": "masquerade", "out_port": "wan0"}]})
     flow = web_flow()
     t.fwd.process(flow.send("a", "S"), t.lan, 1.0)
@@ -186,8 +184,7 @@ def test_masquerade_rewrites_source_and_reverse_translates_the_reply():
 
 
 def test_dnat_port_forward_to_the_routers_own_address():
-    """A port-forward addressed to the router's WAN address is translated to the LAN
-    server, and the server's reply goes back with the public address and port."""
+    """A port-forward to the router's WAN address reaches the LAN server and replies go back."""
     t = make({"nat": [{"type": "dnat", "in_port": "wan0", "proto": "tcp", "dport": 8080,
                        "to": "10.0.1.10", "to_port": 80}]})
     t.neigh.table[(LAN_IF, a("10.0.1.10"))] = mac("02:aa:00:00:00:10")
@@ -210,8 +207,7 @@ def test_dnat_port_forward_to_the_routers_own_address():
 
 
 def test_dnat_rule_for_another_port_leaves_local_traffic_to_the_kernel():
-    """Traffic to a local address that no conntrack entry or port-forward claims
-    (SSH to the router, another port) stays the kernel's."""
+    """Local traffic no conntrack entry or port-forward claims (SSH) stays the kernel's."""
     t = make({"nat": [{"type": "dnat", "in_port": "wan0", "proto": "tcp", "dport": 8080,
                        "to": "10.0.1.10"}]})
     ssh = TcpFlow(("198.51.100.9", 5555), ("192.0.2.1", 22), ("192.0.2.1", 22),
@@ -237,8 +233,7 @@ def test_packets_to_local_addresses_and_non_ip_are_left_to_the_kernel():
 
 
 def test_unresolved_next_hop_queues_resolves_and_sends_when_valid():
-    """With no MAC for the gateway the frame waits, resolution is asked for once per
-    frame, and ``neigh_valid`` sends it with the new MAC."""
+    """An unresolved gateway queues the frame, asks to resolve, and neigh_valid sends it."""
     t = make()
     gw = a("192.0.2.254")
     del t.neigh.table[(WAN_IF, gw)]
@@ -256,8 +251,7 @@ def test_unresolved_next_hop_queues_resolves_and_sends_when_valid():
 
 
 def test_queued_frames_expire_and_the_queue_is_bounded():
-    """Frames whose next hop stays unresolved are dropped after their deadline, and a
-    full queue drops its oldest frame; both are counted."""
+    """Queued frames expire after their deadline and a full queue drops its oldest; counted."""
     t = make()
     gw = a("192.0.2.254")
     del t.neigh.table[(WAN_IF, gw)]
@@ -276,8 +270,7 @@ def test_queued_frames_expire_and_the_queue_is_bounded():
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_ttl_one_gets_time_exceeded_back_out_the_ingress_port(family):
-    """TTL/hop limit 1: an ICMP time exceeded from the router's address goes back out
-    the ingress port to the frame's source MAC, quoting the datagram as sent."""
+    """TTL 1 gets ICMP time exceeded out the ingress port to the source MAC, quoting it."""
     t = make()
     src, dst = ("10.0.1.5", "203.0.113.7") if family == 4 else ("fd00:1::5", "2001:db8:1::7")
     kw = {"ttl": 1} if family == 4 else {"hlim": 1}
@@ -302,9 +295,7 @@ def test_ttl_one_gets_time_exceeded_back_out_the_ingress_port(family):
 
 @pytest.mark.parametrize("where", ["route", "port"])
 def test_oversize_df_gets_frag_needed_with_the_mtu_quoting_the_senders_view(where):
-    """A DF datagram over the egress MTU (route metric or port MTU) is dropped with an
-    ICMP frag-needed carrying that MTU, addressed to and quoting the untranslated sender
-    even though masquerade already rewrote the frame."""
+    """Oversize DF gets frag-needed with the MTU, to and quoting the sender before NAT."""
     if where == "route":
         t = make({"nat": [{"type": "masquerade", "out_port": "wan0"}]})
         t.router.replace("0.0.0.0/0", WAN_IF, via="192.0.2.254", src="192.0.2.1", mtu=1400)
@@ -366,8 +357,7 @@ def test_tx_failure_is_counted():
 
 
 def test_every_truncation_of_a_valid_frame_is_counted_as_malformed():
-    """Each prefix of a valid frame is counted as malformed: no exception, no output,
-    no internal error, nothing tracked."""
+    """Every prefix of a valid frame is counted as malformed; no output, no internal error."""
     t = make()
     frames = [web_flow().send("a", "S"),
               from_lan(udp("fd00:1::5", "2001:db8:1::7", 5000, 53, b"abcdef"))]
@@ -382,8 +372,7 @@ def test_every_truncation_of_a_valid_frame_is_counted_as_malformed():
 
 
 def test_garbage_never_raises_and_is_counted():
-    """Random bytes, some with IP ethertypes, are counted as malformed or the kernel's;
-    never an internal error."""
+    """Random bytes are counted as malformed or the kernel's, never an internal error."""
     t = make()
     rng = random.Random(5)
     n = 0
@@ -404,8 +393,7 @@ def test_garbage_never_raises_and_is_counted():
 
 
 def test_related_icmp_error_is_forwarded_but_not_a_forwarding_decision():
-    """An ICMP error about an offloaded connection is forwarded to the client, but it
-    never becomes the connection's forwarding (it would replace the reply direction)."""
+    """A related ICMP error is forwarded but never reported as the conn's forwarding."""
     t = make()
     flow = web_flow()
     handshake(t, flow)
@@ -423,8 +411,7 @@ def test_related_icmp_error_is_forwarded_but_not_a_forwarding_decision():
 
 
 def test_related_icmp_error_to_the_masquerade_address_is_translated_and_forwarded():
-    """A PMTU error from the internet about a masqueraded connection arrives for the
-    router's own address; it is the connection's, so it is translated to the client."""
+    """A PMTU error to the masquerade address is translated and forwarded to the client."""
     t = make({"nat": [{"type": "masquerade", "out_port": "wan0"}]})
     flow = web_flow()
     t.fwd.process(flow.send("a", "S"), t.lan, 1.0)
@@ -441,8 +428,7 @@ def test_related_icmp_error_to_the_masquerade_address_is_translated_and_forwarde
 
 
 def test_forwarding_decision_reported_per_direction_with_next_hop():
-    """Each forwarded packet of a tracked connection reports its direction, the wire
-    tuples before/after NAT and the next hop to the offload manager."""
+    """Each direction's tuples, egress and next hop are reported to the offload manager."""
     t = make()
     flow = web_flow()
     handshake(t, flow)
@@ -457,8 +443,7 @@ def test_forwarding_decision_reported_per_direction_with_next_hop():
 
 
 def test_fin_on_the_slow_path_ends_the_offload_and_is_forwarded():
-    """A FIN the fast path punts ends the offload (DEL to the provider) and the slow
-    path forwards it and tracks the teardown."""
+    """A punted FIN ends the offload (DEL) and is forwarded by the slow path."""
     t = make()
     flow = web_flow()
     handshake(t, flow)
@@ -471,8 +456,7 @@ def test_fin_on_the_slow_path_ends_the_offload_and_is_forwarded():
 
 
 def test_ping_through_masquerade_reply_comes_back_to_the_client():
-    """An ICMP echo reply to the masquerade address is the connection's, not the
-    kernel's: it is translated back and forwarded to the client."""
+    """An echo reply to the masquerade address is translated back to the client."""
     t = make({"nat": [{"type": "masquerade", "out_port": "wan0"}]})
     t.fwd.process(from_lan(IP(src="10.0.1.5", dst="203.0.113.7") / ICMP(id=77, seq=1)), t.lan,
                   1.0)
