@@ -19,7 +19,8 @@ Contract:
 
 Commands:
 - ``tcp-recv --port P [--family 4|6] [--bind A]``: accept one connection,
-  read to EOF; result ``bytes``, ``sha256``, ``seconds``, ``peer``.
+  read to EOF; result ``bytes``, ``sha256``, ``seconds`` (first to last
+  data byte), ``peer`` (the source address the server saw: NAT shows here).
 - ``tcp-send --dst A --port P --bytes N [--rate-mbps R] [--step]``: send N
   random bytes; events ``connected`` (``local``, ``peer``), ``sent``;
   result ``bytes``, ``sha256``, ``seconds``, ``mbps``, ``local``.
@@ -97,7 +98,7 @@ def cmd_tcp_recv(a: argparse.Namespace) -> None:
         raise _Fail(f"no connection on port {a.port} within {a.timeout}s") from None
     h = hashlib.sha256()
     n = 0
-    t0 = None
+    t0 = t1 = None
     with conn:
         while True:
             conn.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -105,13 +106,13 @@ def cmd_tcp_recv(a: argparse.Namespace) -> None:
                 b = conn.recv(1 << 16)
             except TimeoutError:
                 raise _Fail(f"transfer not finished within {a.timeout}s ({n} bytes)") from None
-            if t0 is None:
-                t0 = time.monotonic()
             if not b:
                 break
+            t1 = time.monotonic()
+            t0 = t0 or t1
             h.update(b)
             n += len(b)
-    secs = time.monotonic() - (t0 or time.monotonic())
+    secs = (t1 - t0) if t0 is not None and t1 is not None else 0.0
     _emit("result", bytes=n, sha256=h.hexdigest(), seconds=round(secs, 3), peer=_endpoint(peer))
 
 
