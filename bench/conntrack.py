@@ -48,6 +48,10 @@ def tcp_frame(src: bytes, dst: bytes, sport: int, dport: int, flags: int, seq: i
     return bytearray(ETH + ip + tcp + b"d" * payload)
 
 
+def server_addr(i: int) -> bytes:
+    return bytes([10, 200, 0, 1 + i])
+
+
 def client_addr(i: int) -> bytes:
     return (0x0A000000 + 0x10000 + i).to_bytes(4, "big")  # 10.1.0.0 + i
 
@@ -147,20 +151,28 @@ def bench_throughput(quick: bool) -> list[tuple[str, int, float, str]]:
                  f"{nconn} conns, both dirs; non-est={bad[0]}"))
 
     nsyn = 20_000 if quick else 100_000
-    syns = [tcp_frame(client_addr(i), SERVER, 40000, 80, SYN, 1000, 0) for i in range(nsyn)]
-    for label, nat in (("new conns: SYN parse + commit", None),
-                       ("new conns: SYN parse + commit + SNAT",
-                        NatAction("snat", bytes([203, 0, 113, 1])))):
+    # Distinct source ports (and a new server every 50k clients): NAT keeps
+    # the original port, as for most real clients.
+    syns = [tcp_frame(client_addr(i), server_addr(i // 50_000), 10_000 + i % 50_000, 80, SYN,
+                      1000, 0) for i in range(nsyn)]
+    # Every client uses source port 40000 to one server: each SNAT after the
+    # first must search the ephemeral range (up to ~30% full here).
+    nsame = 20_000
+    same = [tcp_frame(client_addr(i), SERVER, 40000, 80, SYN, 1000, 0) for i in range(nsame)]
+    pub = NatAction("snat", bytes([203, 0, 113, 1]))
+    for label, frames_, nat in (("new conns: SYN parse + commit", syns, None),
+                                ("new conns: SYN parse + commit + SNAT", syns, pub),
+                                ("new conns: + SNAT, port search", same, pub)):
         ct = ConnTracker()
         made = [0]
 
-        def new_loop(ct=ct, nat=nat, made=made) -> None:
+        def new_loop(ct=ct, nat=nat, made=made, frames_=frames_) -> None:
             ex = ct.execute
-            for f in syns:
+            for f in frames_:
                 ex(parse(f), 0, 1.0, commit=True, nat=nat)
             made[0] = len(ct)
 
-        rows.append((label, nsyn, timed(new_loop), f"committed={made[0]}"))
+        rows.append((label, len(frames_), timed(new_loop), f"committed={made[0]}"))
         del ct
     return rows
 

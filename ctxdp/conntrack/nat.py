@@ -25,6 +25,8 @@ Contract:
 
 from __future__ import annotations
 
+import itertools
+import math
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -39,7 +41,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["NatAction", "NatInfo", "select_reply", "nat_packet", "nat_related", "MAX_PROBES"]
 
-MAX_PROBES = 1 << 17
+# Candidate tuples tried before a NEW connection is refused. A range more
+# than ~99% used may be reported exhausted early; in exchange a refused SYN
+# costs at most this many dict probes (Linux stops after 128 attempts).
+MAX_PROBES = 2048
+# Ports tried per address before moving on, so a full first address cannot
+# use up the whole budget of an address range.
+MIN_PROBES_PER_ADDR = 64
 
 _PORTED = frozenset({6, 17})  # protocols whose ports NAT may change
 _ICMP = frozenset({1, 58})
@@ -105,6 +113,12 @@ class NatInfo:
                 f" -> {self.addr.hex()}:{self.port}>")
 
 
+def _n_addrs(action: NatAction) -> int:
+    if action.addr_max is None:
+        return 1
+    return int.from_bytes(action.addr_max, "big") - int.from_bytes(action.addr_min, "big") + 1
+
+
 def _addrs(action: NatAction, seed: int):
     """Addresses of the range, starting at ``seed`` modulo its size."""
     lo = int.from_bytes(action.addr_min, "big")
@@ -116,16 +130,24 @@ def _addrs(action: NatAction, seed: int):
         yield (lo + (first + i) % n).to_bytes(size, "big")
 
 
-def _ports(lo: int, hi: int, first: int | None, seed: int):
-    """Ports ``lo..hi``: ``first`` (if in range) and then from a seeded offset."""
+def _ports(lo: int, hi: int, first: int | None, seed: int, limit: int):
+    """Up to ``limit`` ports of ``lo..hi``: ``first`` (if in range), then a
+    seeded double-hashing walk (start and step from ``seed``, step coprime
+    with the range size), so it visits every port without the clustering a
+    linear scan builds up in a busy range."""
     n = hi - lo + 1
     if first is not None and lo <= first <= hi:
         yield first
     start = seed % n
-    for i in range(n):
-        p = lo + (start + i) % n
-        if p != first:
-            yield p
+    step = 1 + (seed >> 16) % n if n > 1 else 1
+    while math.gcd(step, n) != 1:
+        step += 1
+    p = start
+    for _ in range(min(n, limit)):
+        port = lo + p
+        if port != first:
+            yield port
+        p = (p + step) % n
 
 
 def select_reply(
@@ -150,22 +172,38 @@ def select_reply(
     oaddr = src if snat else dst
     oport = sport if snat else dport  # for ICMP both are the echo id
 
-    if not ported or (icmp and not snat):
-        port_plans: list[tuple[int, int, int | None]] = [(oport, oport, oport)]
-    elif action.port_min:
-        port_plans = [(action.port_min, action.port_max or action.port_min, oport)]
-    elif snat:
-        # Keep the original port on every address first, then go ephemeral.
-        port_plans = [(oport, oport, oport), (ephemeral[0], ephemeral[1], None)]
-    else:
-        port_plans = [(oport, oport, oport)]
+    n_addrs = _n_addrs(action)
+    if n_addrs == 1 and (not action.port_min or action.port_min <= oport <= (
+            action.port_max or action.port_min)):
+        # Fast path, the common case: one address, original port free.
+        addr = action.addr_min
+        if snat:
+            rkey = pack_key(zone, proto, dst, addr, oport if icmp else dport, oport)
+        else:
+            rkey = pack_key(zone, proto, addr, src, oport, oport if icmp else sport)
+        if rkey not in table:
+            return rkey, NatInfo(action, addr, oport if ported else None, oaddr,
+                                 oport if ported else None)
 
-    probes = 0
-    for plo, phi, pfirst in port_plans:
-        for addr in _addrs(action, aseed):
-            for port in _ports(plo, phi, pfirst, pseed):
-                probes += 1
-                if probes > MAX_PROBES:
+    # (port lo, port hi, port tried first, addresses to try)
+    if not ported or (icmp and not snat):
+        port_plans: list[tuple[int, int, int | None, int]] = [(oport, oport, oport, n_addrs)]
+    elif action.port_min:
+        port_plans = [(action.port_min, action.port_max or action.port_min, oport, n_addrs)]
+    elif snat:
+        # Keep the original port (on the first addresses), then go ephemeral.
+        port_plans = [(oport, oport, oport, min(n_addrs, MIN_PROBES_PER_ADDR)),
+                      (ephemeral[0], ephemeral[1], None, n_addrs)]
+    else:
+        port_plans = [(oport, oport, oport, n_addrs)]
+
+    per_addr = max(MIN_PROBES_PER_ADDR, MAX_PROBES // n_addrs)
+    budget = MAX_PROBES
+    for plo, phi, pfirst, max_addrs in port_plans:
+        for addr in itertools.islice(_addrs(action, aseed), max_addrs):
+            for port in _ports(plo, phi, pfirst, pseed, per_addr):
+                budget -= 1
+                if budget < 0:
                     return None
                 if snat:
                     # Reply travels dst -> translated source.

@@ -294,3 +294,32 @@ def test_icmp_echo_quote_in_error_translated():
     assert r.conn is c2 and pkt[IP].dst == CLIENT2 and pkt[IPerror].src == CLIENT2
     assert pkt[ICMPerror].id == 7
     assert checksums_ok(err)
+
+
+def test_full_range_is_allocated_without_collisions_then_refused():
+    """Double hashing hands out every port of a 1000-port range exactly once, then refuses."""
+    taken: set[bytes] = set()
+    ports = set()
+    for i in range(1000):
+        src = bytes([10, 1, i >> 8, i & 255])
+        k, info = select_reply(taken, 0, 6, src, ip(SERVER), 5555, 80, snat(pmin=3000, pmax=3999),
+                               (1024, 65535))
+        assert k not in taken
+        taken.add(k)
+        ports.add(info.port)
+    assert ports == set(range(3000, 4000))
+    assert select_reply(taken, 0, 6, ip("10.9.9.9"), ip(SERVER), 5555, 80,
+                        snat(pmin=3000, pmax=3999), (1024, 65535)) is None
+
+
+def test_huge_address_range_still_reaches_ephemeral_ports():
+    """With a /16 range whose original ports are all taken, SNAT still finds an ephemeral port."""
+    nat = snat("203.0.0.0", "203.0.255.255")
+
+    class AllOriginalPortsTaken:
+        def __contains__(self, key: bytes) -> bool:
+            return key.endswith((5555).to_bytes(2, "big"))
+
+    k, info = select_reply(AllOriginalPortsTaken(), 0, 6, ip(CLIENT), ip(SERVER), 5555, 80, nat,
+                           (1024, 65535))
+    assert info.port != 5555 and 1024 <= info.port <= 65535
