@@ -1,9 +1,4 @@
-"""ctxdp.config: TOML parsing, defaults, and one-line field-naming errors.
-
-The last section holds the tracker's own ``CtConfig`` tests (ctxdp.conntrack.config),
-kept verbatim from commit 5e80f62, which reused this file name; they belong in a
-separate ``test_ct_config.py`` owned by the conntrack module.
-"""
+"""ctxdp.config: TOML parsing, defaults, and one-line field-naming errors."""
 
 from __future__ import annotations
 
@@ -22,8 +17,8 @@ from ctxdp.config import (
     load_config,
     parse_config,
 )
-from ctxdp.conntrack import ConnTracker, CtConfig
-from ctxdp.conntrack.config import DEFAULT_MAX_CONNS, DEFAULT_TIMEOUTS
+from ctxdp.conntrack import CtConfig
+from ctxdp.conntrack.config import DEFAULT_MAX_CONNS
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "ctxdp.toml"
 
@@ -65,7 +60,7 @@ def test_minimal_config_gets_defaults():
 
 def test_conntrack_defaults_match_tracker():
     """The config's conntrack defaults agree with the tracker's own defaults."""
-    from ctxdp.conntrack.config import DEFAULT_MAX_CONNS, CtConfig
+    from ctxdp.conntrack.config import CtConfig
 
     cfg = parse_config(BASE).conntrack
     ct = CtConfig()
@@ -290,38 +285,3 @@ def test_sections_map_onto_tracker_and_eligibility_types():
         min_pkts=o.min_packets, max_offloaded=o.max_offloaded or o.map_size,
     )
     assert pol.protocols == frozenset({1, 6, 17, 58})
-
-
-# ---------------------------------------------------------------------------------------
-# ctxdp.conntrack.config.CtConfig (from commit 5e80f62; see the module docstring)
-# ---------------------------------------------------------------------------------------
-
-def test_defaults_are_ovs_values():
-    """Default timeouts and connection limit are Open vSwitch's userspace defaults."""
-    assert DEFAULT_TIMEOUTS == {
-        "tcp_first": 30, "tcp_opening": 30, "tcp_established": 86400, "tcp_closing": 900,
-        "tcp_fin_wait": 45, "tcp_closed": 30, "udp_first": 60, "udp_multiple": 60,
-        "udp_bidir": 30, "other_first": 60, "other_multiple": 60, "other_bidir": 30,
-        "icmp_first": 60, "icmp_reply": 30,
-    }
-    assert DEFAULT_MAX_CONNS == 3_000_000 and CtConfig().tcp_seq_check
-
-
-def test_override_one_state():
-    """An override changes exactly that state's timeout."""
-    cfg = CtConfig(timeouts={"tcp_closed": 5})
-    assert cfg.timeout("tcp_closed") == 5.0 and cfg.timeout("tcp_fin_wait") == 45.0
-
-
-@pytest.mark.parametrize("kw", [
-    {"timeouts": {"tcp_establshed": 10}},
-    {"timeouts": {"udp_first": 0}},
-    {"max_conns": -1},
-    {"zone_limits": {1: -5}},
-    {"sweep_granularity": 0},
-    {"nat_ephemeral": (2000, 1000)},
-])
-def test_bad_config_is_rejected(kw):
-    """Typos and impossible values raise ValueError when the tracker is built."""
-    with pytest.raises(ValueError):
-        ConnTracker(CtConfig(**kw))
