@@ -56,6 +56,7 @@ __all__ = [
     "Snapshot",
     "SshHost",
     "VagrantHost",
+    "lab_from_spec",
     "to_toml",
 ]
 
@@ -645,6 +646,7 @@ class Lab:
     def _write_config(self, doc: Mapping[str, Any]) -> None:
         text = to_toml(doc)
         self._check_config(text)
+        self.router.exec(["mkdir", "-p", self.workdir])
         self.router.write_file(self.config_path, text)
         self.doc = dict(doc)
 
@@ -766,3 +768,41 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------
+# A lab described in JSON (VMs)
+# --------------------------------------------------------------------------
+
+
+def lab_from_spec(spec: Mapping[str, Any]) -> Lab:
+    """Build a ``Lab`` of ssh/Vagrant hosts from a JSON-able description.
+
+    ``{"hosts": {ROLE: {"vagrant": NAME} | {"ssh": [argv...]}, ...},
+    "vagrant_dir": DIR, "repo": "/vagrant", "ctxdp": ["ctxdp"], "sudo": true,
+    "links": [{Link fields}, ...], "workdir": ..., "socket_path": ...,
+    "pin_dir": ..., "xdp_mode": "native"}``. Roles need ``client``,
+    ``router`` and ``server``; every link names the router port and both
+    ends' addresses (see ``Link``). The ssh path is exercised in this
+    repository's tests through an ``nsenter ... sh -c`` transport; real ssh
+    and Vagrant are not.
+    """
+    common = {"repo": spec.get("repo", "/vagrant"), "ctxdp": tuple(spec.get("ctxdp", ["ctxdp"])),
+              "sudo": bool(spec.get("sudo", True))}
+    hosts: dict[str, Host] = {}
+    for role, h in spec["hosts"].items():
+        if "vagrant" in h:
+            hosts[role] = VagrantHost(h["vagrant"], spec.get("vagrant_dir", "."), **common)
+        else:
+            hosts[role] = SshHost(role, h["ssh"], **common)
+    missing = {"client", "router", "server"} - set(hosts)
+    if missing:
+        raise LabError(f"lab spec lacks hosts: {sorted(missing)}")
+    return Lab(
+        hosts, [Link(**ln) for ln in spec["links"]],
+        workdir=spec.get("workdir", "/tmp/ctxdp-lab"),
+        socket_path=spec.get("socket_path", "/run/ctxdp/lab.sock"),
+        pin_dir=spec.get("pin_dir", "/sys/fs/bpf/ctxdp"),
+        xdp_mode=spec.get("xdp_mode", "native"),
+        name=spec.get("name", "spec"),
+    )

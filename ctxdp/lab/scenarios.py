@@ -27,26 +27,37 @@ Contract:
   idle at those moments: after the handshake and after the data.
 
 Helpers for writing more scenarios: ``settle``, ``poll_until``,
-``free_port``, ``conn_label``.
+``free_port``, ``conn_label``. Register a new scenario in ``SCENARIOS`` so
+the runner picks it up: ``python3 -m ctxdp.lab.scenarios [--spec LAB.json]
+[--family 4 6] [NAME ...]`` runs scenarios on a fresh ``NetnsLab``, or on
+the hosts a spec describes (``ctxdp.lab.hosts.lab_from_spec``; the VM lab),
+with ``QUICK_TIMEOUTS``, prints one JSON line per run and exits 0 only if
+all passed.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import random
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ctxdp.lab.hosts import AgentError, Lab, Snapshot
 
 __all__ = [
+    "QUICK_TIMEOUTS",
+    "SCENARIOS",
     "Observer",
     "conn_label",
     "free_port",
     "poll_until",
     "settle",
     "tcp_transfer",
+    "main",
     "udp_offload_and_age",
 ]
 
@@ -55,6 +66,12 @@ ConnKey = Callable[[Snapshot], "dict[str, Any] | None"]
 
 TCP, UDP = 6, 17
 _POLL = 0.25
+
+#: Conntrack timeouts for scenario runs: aging and TCP close within seconds.
+QUICK_TIMEOUTS: dict[str, float] = {
+    "udp_first": 3.0, "udp_multiple": 3.0, "udp_bidir": 3.0,
+    "tcp_closing": 3.0, "tcp_fin_wait": 3.0, "tcp_closed": 3.0,
+}
 
 
 def _noop(event: str, data: dict[str, Any]) -> None:
@@ -475,3 +492,61 @@ def udp_offload_and_age(
         "aged_after_idle_s": aged_after,
         "elapsed_s": round(time.monotonic() - t_start, 2),
     }
+
+
+# --------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------
+
+#: name -> scenario; each is called as ``fn(lab, family=F)``.
+SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
+    "tcp_transfer": tcp_transfer,
+    "udp_offload_and_age": udp_offload_and_age,
+}
+
+
+def _run_all(lab: Lab, names: Sequence[str], families: Sequence[int]) -> int:
+    lab.start_daemon(lab.config(timeouts=QUICK_TIMEOUTS))
+    failed = 0
+    for name in names:
+        for fam in families:
+            t0 = time.monotonic()
+            try:
+                res: dict[str, Any] = {"ok": True, "result": SCENARIOS[name](lab, family=fam)}
+            except AssertionError as exc:
+                failed += 1
+                res = {"ok": False, "error": str(exc)}
+            line = {"scenario": name, "family": fam, "seconds": round(time.monotonic() - t0, 1)}
+            print(json.dumps({**line, **res}), flush=True)
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m ctxdp.lab.scenarios",
+                                description="Run lab scenarios against a running ctxdp.")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"default: all of {list(SCENARIOS)}")
+    p.add_argument("--family", type=int, nargs="+", choices=(4, 6), default=[4, 6])
+    p.add_argument("--spec", help="JSON lab description (VMs); default: a fresh netns lab")
+    a = p.parse_args(argv)
+    unknown = [n for n in a.names if n not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
+    names = a.names or list(SCENARIOS)
+    if a.spec:
+        from ctxdp.lab.hosts import lab_from_spec
+
+        with open(a.spec) as f:
+            lab: Lab = lab_from_spec(json.load(f))
+    else:
+        from ctxdp.lab.netns import NetnsLab
+
+        lab = NetnsLab()
+    with lab:
+        failed = _run_all(lab, names, a.family)
+    total = len(names) * len(a.family)
+    print(f"{total - failed}/{total} scenario runs passed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -19,13 +19,11 @@ from typing import Any
 
 import pytest
 
+from ctxdp.lab.scenarios import QUICK_TIMEOUTS
 from tests.privileged import require_bcc
 
 #: Short conntrack timeouts: aging and TCP close visible within seconds.
-LAB_TIMEOUTS = {
-    "udp_first": 3.0, "udp_multiple": 3.0, "udp_bidir": 3.0,
-    "tcp_closing": 3.0, "tcp_fin_wait": 3.0, "tcp_closed": 3.0,
-}
+LAB_TIMEOUTS = QUICK_TIMEOUTS
 
 
 def lab_config(lab: Any, **kw: Any) -> dict[str, Any]:

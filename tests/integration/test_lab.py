@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from ctxdp.config import parse_config
 from ctxdp.lab import scenarios
-from ctxdp.lab.hosts import AgentError, to_toml
+from ctxdp.lab.hosts import AgentError, SshHost, lab_from_spec, to_toml
 from ctxdp.lab.netns import NetnsLab, lab_leftovers
 from tests.integration.conftest import lab_config
 from tests.privileged import require_bcc, require_root
@@ -105,3 +108,30 @@ def test_udp_flow_offloaded_kept_while_active_and_aged_when_idle(running_lab) ->
     assert r["active_s"] > r["timeout_s"]
     assert r["slow_pkts_after_active"] - r["slow_pkts_first"] <= 2
     assert r["aged_after_idle_s"] is not None
+
+
+def test_spec_lab_over_an_argv_transport_runs_the_same_scenario(netns_lab) -> None:
+    """lab_from_spec + SshHost (nsenter and sh -c standing in for ssh) run daemon and tcp_transfer."""
+    require_bcc()
+    base = netns_lab
+    spec = {
+        "hosts": {role: {"ssh": ["nsenter", f"--net=/run/netns/{h.ns}", "sh", "-c"]}
+                  for role, h in base.hosts.items()},
+        "repo": str(Path(__file__).resolve().parents[2]),
+        "ctxdp": [sys.executable, "-m", "ctxdp.cli"],
+        "sudo": False,
+        "links": [dataclasses.asdict(ln) for ln in base.links.values()],
+        "workdir": f"{base.workdir}/spec",
+        "socket_path": f"{base.workdir}/spec.sock",
+        "pin_dir": base.pin_dir,
+    }
+    lab = lab_from_spec(spec)
+    assert all(isinstance(h, SshHost) for h in lab.hosts.values())
+    with lab:
+        lab.start_daemon(lab_config(lab))
+        pid = lab._job.pid
+        r = scenarios.tcp_transfer(lab, nbytes=2_000_000)
+    assert r["fast_pkts"][0] >= 0.95 * r["min_segments"]
+    assert not os.path.exists(f"/proc/{pid}/exe") or "ctxdp" not in Path(
+        f"/proc/{pid}/cmdline").read_text(errors="replace"), "remote-style daemon not stopped"
+    assert not os.path.isdir(base.pin_dir), "daemon stopped by pid should have unpinned"
