@@ -919,6 +919,12 @@ class XdpProvider(Provider):
                 # Resume after the refused connection: rewrites of existing
                 # keys still succeed in a full map, and nothing else is lost.
                 done = 2 * (bad + 1)
+            except Exception as exc:  # noqa: BLE001 - must become per-op errnos
+                # Unknown state for the rest of the range: report every
+                # connection left as failed, with its keys to be deleted.
+                log.error("xdp: writing entries failed: %r", exc)
+                failed.extend((i, _errno_of(exc), True) for i in range(done // 2, hi))
+                break
         return failed
 
     def _settle(
