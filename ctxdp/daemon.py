@@ -43,6 +43,7 @@ from ctxdp.conntrack import ConnTracker, CtConfig
 from ctxdp.control import ControlError, ControlServer, check_args, int_arg
 from ctxdp.datapath import sysctl
 from ctxdp.datapath.forward import ADMIT_KEY, Forwarder
+from ctxdp.datapath.guard import GuardError, KernelGuard
 from ctxdp.eligibility import EligibilityPolicy
 from ctxdp.offload import OffloadManager
 from ctxdp.policy import Policy
@@ -109,6 +110,7 @@ class Daemon:
         self.xdp = None
         self.nl = self.ports = self.router = self.neigh = self.links = self.local = None
         self.control = None
+        self.guard: Any = None
         self._saved_sysctl: dict[str, str] | None = None
         self._addr_fn = self._port_addr
         self._proc: Any = None  # one psutil handle: cpu_percent measures between calls
@@ -132,6 +134,7 @@ class Daemon:
         # No double forwarding: AF_PACKET gets a copy of every passed frame;
         # with kernel forwarding on, the original would be forwarded as well.
         self._saved_sysctl = sysctl.disable_forwarding()
+        self._install_guard()
         self.nl = Netlink()
         self.links = LinkWatcher(self.nl)
         self.local = LocalAddrs(self.nl)
@@ -186,6 +189,26 @@ class Daemon:
         router.on_change(self._on_route)
         links.on_change(self._on_link)
         return self
+
+    def _install_guard(self) -> None:
+        """Keep the kernel from answering packets to our addresses that NAT owns.
+
+        See ``ctxdp.datapath.guard``: without it the router's stack RSTs the
+        replies of masqueraded connections. It is required when NAT is
+        configured; without NAT nothing the slow path owns is addressed to
+        the router, so a missing nft only earns a warning.
+        """
+        try:
+            guard = KernelGuard(self.cfg.port_names)
+            guard.install()
+        except GuardError as exc:
+            if self.cfg.snat or self.cfg.dnat:
+                raise GuardError(f"NAT needs the kernel guard: {exc}") from exc
+            log.warning("kernel guard not installed (%s); without NAT it is not needed", exc)
+            return
+        self.guard = guard
+        log.info("kernel guard installed: nft table inet %s on %s", guard.table,
+                 ",".join(guard.ports))
 
     def _make_providers(self) -> list[Provider]:
         o = self.cfg.offload
@@ -261,12 +284,26 @@ class Daemon:
             self.ports.close()
         if self.nl is not None:
             self.nl.close()
+        self._close_guard()
         self._sel.close()
         if self._saved_sysctl is not None:
             # Forwarding stays off: turning it back on silently would start
             # forwarding without policy. Operators re-enable it deliberately.
             pass
         log.info("ctxdp stopped")
+
+    def _close_guard(self) -> None:
+        if self.guard is None:
+            return
+        if self.cfg.offload.keep_on_restart:
+            # XDP keeps forwarding until the next start: a FIN it punts in the
+            # gap must not draw a RST. The next start replaces the table.
+            log.info("kernel guard kept for the restart")
+            return
+        try:
+            self.guard.remove()
+        except GuardError as exc:
+            log.error("removing the kernel guard: %s", exc)
 
     # -- main loop ---------------------------------------------------------------
     def run(self) -> int:
@@ -523,6 +560,9 @@ def run_daemon(cfg: Config, config_path: str | None = None) -> int:
         d.start()
     except sysctl.ForwardingError as exc:
         log.error("refusing to start: cannot turn kernel forwarding off: %s", exc)
+        return 1
+    except GuardError as exc:
+        log.error("refusing to start: %s", exc)
         return 1
     except (ProviderError, ControlError, OSError) as exc:
         log.error("cannot start: %s", exc)
