@@ -577,3 +577,18 @@ def test_pipelined_chunks_roll_back_exactly_the_refused(make, xports):
     assert (s["conns"], s["enospc"], s["rollbacks"], s["free_slots"]) == (12, 4, 1, 4)
     assert all(p.slot_of(c) is None for c in ctxs[12:])
     assert p.conn_update_many(ctxs[:12]) == [None] * 12
+
+
+def test_restart_in_another_mode_replaces_the_kept_program(make, xports):
+    """A kept generic attachment is replaced by a native one on restart (the kernel
+    refuses both at once; the provider drops the old mode first)."""
+    p1 = make(keep=True, mode="generic")
+    p1.start()
+    p1.close()
+    assert xdp_mode(xports.a) == "generic"
+    p2 = make(pin_dir=p1.pin_dir, mode="native")
+    p2.start()
+    assert p2.attached == {xports.a: "native", xports.b: "native"}
+    assert xdp_mode(xports.a) == "native"
+    p2.close()
+    assert xdp_mode(xports.a) is None
