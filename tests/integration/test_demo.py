@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import ctypes
+import errno
 import os
 import re
 import select
@@ -21,11 +22,26 @@ pytestmark = pytest.mark.privileged
 DEMO = [sys.executable, "-m", "ctxdp.cli", "demo"]
 
 
-def _root_xdp_links() -> set[str]:
-    """Root-namespace interfaces with an XDP program attached."""
-    links = json.loads(subprocess.run(["ip", "-d", "-j", "link", "show"], check=True,
-                                      capture_output=True, text=True).stdout)
-    return {ln["ifname"] for ln in links if ln.get("xdp")}
+_SYS_BPF = 321  # x86_64
+_BPF_PROG_GET_FD_BY_ID = 13
+
+
+def _prog_exists(prog_id: int) -> bool:
+    """Whether the kernel still holds BPF program ``prog_id`` (BPF_PROG_GET_FD_BY_ID)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 3)(prog_id, 0, 0)  # prog_id, next_id, open_flags
+    fd = libc.syscall(_SYS_BPF, _BPF_PROG_GET_FD_BY_ID, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd >= 0:
+        os.close(fd)
+        return True
+    assert ctypes.get_errno() == errno.ENOENT, os.strerror(ctypes.get_errno())
+    return False
+
+
+def _xdp_prog_ids(output: str) -> set[int]:
+    ids = {int(m) for m in re.findall(r"\((?:native|generic) prog (\d+)\)", output)}
+    assert ids, f"demo did not show its XDP attachments:\n{output}"
+    return ids
 
 
 def _uid(output: str) -> str:
@@ -34,20 +50,25 @@ def _uid(output: str) -> str:
     return m.group(1)
 
 
-def _assert_nothing_left(uid: str, xdp_before: set[str]) -> None:
-    # Only this run's uid-named objects: colleagues' tests and benchmarks
-    # create their own namespaces and pins concurrently.
+def _assert_nothing_left(output: str) -> None:
+    # Only this run's own objects: colleagues' tests and benchmarks create
+    # namespaces, pins and root-namespace XDP attachments concurrently.
+    uid = _uid(output)
     assert lab_leftovers(uid) == []
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert uid not in listed
     assert not [p for p in os.listdir("/sys/fs/bpf") if uid in p]
-    assert _root_xdp_links() <= xdp_before
+    # The XDP program the demo attached is gone: detached and unloaded.
+    deadline = time.monotonic() + 5
+    while (alive := {i for i in _xdp_prog_ids(output) if _prog_exists(i)}) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"XDP program(s) {alive} still loaded"
 
 
 def test_demo_passes_shows_offload_and_aging_and_cleans_up() -> None:
     """`ctxdp demo` exits 0, prints the offload, fast-path counts and aging, leaves nothing."""
     require_bcc()
-    xdp_before = _root_xdp_links()
     proc = subprocess.run([*DEMO, "--mbytes", "4", "--udp-timeout", "2"], capture_output=True,
                           text=True, timeout=120)
     out = proc.stdout + proc.stderr
@@ -56,13 +77,12 @@ def test_demo_passes_shows_offload_and_aging_and_cleans_up() -> None:
     assert re.search(r"fast path: [\d,]+ -> / [\d,]+ <- packets", out), out
     assert "AGED OUT udp" in out
     assert "RESULT: PASS" in out and "nothing left behind" in out
-    _assert_nothing_left(_uid(out), xdp_before)
+    _assert_nothing_left(out)
 
 
 def test_demo_interrupted_mid_transfer_cleans_up_and_fails() -> None:
     """SIGTERM while traffic runs: the demo tears everything down and exits non-zero."""
     require_bcc()
-    xdp_before = _root_xdp_links()
     proc = subprocess.Popen([*DEMO, "--mbytes", "40", "--rate-mbps", "20"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = b""
@@ -87,4 +107,4 @@ def test_demo_interrupted_mid_transfer_cleans_up_and_fails() -> None:
     assert proc.returncode == 1, text
     assert "RESULT: FAIL - interrupted" in text
     assert "nothing left behind" in text
-    _assert_nothing_left(_uid(text), xdp_before)
+    _assert_nothing_left(text)
