@@ -20,6 +20,7 @@ log() { echo "setup: $*"; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and mounts bpffs)"
 [ -r /etc/os-release ] || die "no /etc/os-release: only Debian 12 and Ubuntu 22.04+ are supported"
+# shellcheck source=/dev/null
 . /etc/os-release
 case "${ID:-}:${VERSION_ID:-}" in
   debian:12|debian:13) ;;
@@ -32,6 +33,9 @@ KVER="$(uname -r)"
 PKGS=(python3-bpfcc python3-venv python3-pip iproute2 ethtool nftables conntrack
       libbpf1 iputils-ping procps kmod)
 [ "${ID}" = ubuntu ] && PKGS=("${PKGS[@]/libbpf1/libbpf0}")
+# The test extras also check the Vagrant lab files: ruby -c parses the
+# Vagrantfile, shellcheck lints the provisioning scripts.
+case ",$EXTRAS," in *,test,*) PKGS+=(ruby shellcheck);; esac
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -65,7 +69,7 @@ if [ ! -e "/lib/modules/$KVER/build/include" ]; then
     esac
     log "no headers package for kernel $KVER; falling back to $generic"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$generic" >/dev/null
-    build="$(ls -d /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-arm64 /usr/src/linux-headers-*-generic 2>/dev/null | sort -V | tail -1 || true)"
+    build="$(find /usr/src -maxdepth 1 -type d \( -name 'linux-headers-*-amd64' -o -name 'linux-headers-*-arm64' -o -name 'linux-headers-*-generic' \) | sort -V | tail -1)"
     [ -n "$build" ] || die "fallback headers installed but no /usr/src/linux-headers-* tree found"
     common="${build%-*}-common"
     [ -d "$common" ] || common="$build"
@@ -95,10 +99,10 @@ fi
   || die "Debian's python3 is older than 3.11"
 
 stamp="$VENV/.ctxdp-installed"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS"
+want="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)-$EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing ctxdp[$EXTRAS] into the venv"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${ROOT}[${EXTRAS}]"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c 'import bcc, pyroute2, psutil' || die "venv cannot import bcc/pyroute2/psutil"
