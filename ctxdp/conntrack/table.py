@@ -21,6 +21,9 @@ Contract (docs/architecture.md, ``ctxdp.conntrack``):
   ``DST_NAT`` bits are added). ``mark``/``labels`` are stored on commit.
 - Expired connections are never returned: a lookup that finds one deletes
   it; ``sweep(now)`` deletes the rest and returns the next wake-up time.
+- ``insert(conn, now)`` files a connection built outside the packet path
+  (the restart state import, ``ctxdp.conntrack.state``); observers get
+  ``on_created``. The per-packet path does not use it.
 - Nothing here reads a clock or touches the kernel; ``execute`` never raises
   for packet content (a failed rewrite is counted and reported as invalid).
 """
@@ -194,6 +197,36 @@ class ConnTracker:
         if zone is None:
             self._exp.clear()
         return len(victims)
+
+    def insert(self, conn: Conn, now: float) -> str:
+        """Add a connection built outside the packet path (state import).
+
+        ``conn`` must carry its keys, handler, state and expiry. It is filed
+        like a committed connection and observers get ``on_created``; nothing
+        is counted as created. Returns "" or why it was refused: ``expired``,
+        ``limit``, ``zone-limit``, ``collision`` (a key already in the table).
+        """
+        if conn.expires <= now:
+            return "expired"
+        cfg = self.cfg
+        zone = conn.zone
+        if cfg.max_conns and self._n >= cfg.max_conns:
+            return "limit"
+        zlim = cfg.zone_limits.get(zone, cfg.default_zone_limit)
+        if zlim and self._zone_n.get(zone, 0) >= zlim:
+            return "zone-limit"
+        table = self._table
+        if conn.key in table or conn.rkey in table or conn.key == conn.rkey:
+            return "collision"
+        conn._f &= ~F_DEAD
+        table[conn.key] = conn
+        table[conn.rkey] = conn
+        self._n += 1
+        self._zone_n[zone] = self._zone_n.get(zone, 0) + 1
+        self._exp.file(conn)
+        if self._obs:
+            self._notify("on_created", conn, now)
+        return ""
 
     # -- the packet path -------------------------------------------------------
     def execute(
