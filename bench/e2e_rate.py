@@ -112,7 +112,8 @@ class Rig:
             "delivered": c1 - c0,
             "gen_ns_per_frame": ns_per_frame,
             "gen_calls": calls,
-            "path": {k: p1.get(k, 0) - p0.get(k, 0) for k in p1},
+            "path": {k: p1.get(k, 0) - p0.get(k, 0) for k in p1},  # deltas over the window
+            "path_after": p1,
         }
 
     def close(self) -> None:
@@ -314,8 +315,10 @@ def kernel_nft(rig: Rig) -> Iterator[Callable[[], dict[str, int]]]:
         EP.attach(rig.router_ns, "p0", rig.progs.pass_fd)
 
         def probe() -> dict[str, int]:
+            # Entries in nf_conntrack (this kernel leaves the per-CPU
+            # "found" statistics at zero, so the table itself is the proof).
             out = router.exec(["conntrack", "-C"], check=False).strip()
-            return {"conntrack_entries": int(out) if out.isdigit() else -1}
+            return {"nf_conntrack_entries": int(out) if out.isdigit() else -1}
 
         yield probe
     finally:
