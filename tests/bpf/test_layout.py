@@ -313,3 +313,22 @@ def test_pack_flowdir_into_matches_reference_path():
         )
         assert key == L.pack_key(d.in_ifindex, m)
         assert L.unpack_val(val) == L.unpack_val(ref)
+
+
+def test_enums_match_header():
+    """CT_STAT_NAMES follows enum ct_stat's order and the flag values match the header."""
+    import re  # noqa: PLC0415
+
+    text = (BPF_DIR / "ct_offload.h").read_text()
+    body = re.search(r"enum ct_stat \{(.*?)\};", text, re.S).group(1)
+    names = re.findall(r"^\s*CT_STAT_([A-Z0-9_]+)", body, re.M)
+    assert names[-1] == "MAX"
+    assert [n.lower() for n in names[:-1]] == list(L.CT_STAT_NAMES)
+    assert L.CT_STAT_MAX == len(names) - 1
+    flags = dict(re.findall(r"(CT_F_[A-Z]+)\s*=\s*1 << (\d+)", text))
+    assert {k: 1 << int(v) for k, v in flags.items()} == {
+        "CT_F_SNAT": L.CT_F_SNAT,
+        "CT_F_DNAT": L.CT_F_DNAT,
+        "CT_F_TEARDOWN": L.CT_F_TEARDOWN,
+    }
+    assert f"#define CT_MAX_PORTS {L.CT_MAX_PORTS}" in text
