@@ -18,12 +18,20 @@ Contract:
   track of (e.g. behind an ssh session) ends by itself.
 
 Commands:
-- ``tcp-recv --port P [--family 4|6] [--bind A]``: accept one connection,
-  read to EOF; result ``bytes``, ``sha256``, ``seconds`` (first to last
-  data byte), ``peer`` (the source address the server saw: NAT shows here).
-- ``tcp-send --dst A --port P --bytes N [--rate-mbps R] [--step]``: send N
-  random bytes; events ``connected`` (``local``, ``peer``), ``sent``;
-  result ``bytes``, ``sha256``, ``seconds``, ``mbps``, ``local``.
+- ``tcp-recv --port P [--family 4|6] [--bind A] [--progress S]
+  [--allow-reset]``: accept one connection, read to EOF; result ``bytes``,
+  ``sha256``, ``seconds`` (first to last data byte), ``peer`` (the source
+  address the server saw: NAT shows here), ``reset``. ``--progress`` adds
+  a ``progress`` event (``bytes`` so far) every S seconds, data or not, so
+  a driver sees a stalled stream as it stalls; ``--allow-reset`` ends a
+  connection reset by the peer with a result (``reset: true``) instead of
+  an error.
+- ``tcp-send --dst A --port P --bytes N [--rate-mbps R] [--step]
+  [--close fin|rst]``: send N random bytes; events ``connected``
+  (``local``, ``peer``), ``sent``; result ``bytes``, ``sha256``,
+  ``seconds``, ``mbps``, ``local``, ``close``. ``--close rst`` waits until
+  the peer has acknowledged every byte, then closes with SO_LINGER 0, so
+  the kernel ends the connection with a RST instead of a FIN.
 - ``udp-echo --port P [--idle-exit S]``: echo datagrams until idle for S
   seconds after the first; result ``echoed``, ``peers``.
 - ``udp-req --dst A --port P --count N --interval S [--step]``: N
@@ -39,12 +47,15 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import select
 import socket
+import struct
 import sys
+import termios
 import time
 
 __all__ = ["main"]
@@ -99,13 +110,29 @@ def cmd_tcp_recv(a: argparse.Namespace) -> None:
     h = hashlib.sha256()
     n = 0
     t0 = t1 = None
+    reset = False
+    next_progress = time.monotonic() + a.progress if a.progress else None
     with conn:
         while True:
-            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            now = time.monotonic()
+            if next_progress is not None and now >= next_progress:
+                _emit("progress", bytes=n)
+                next_progress = now + a.progress
+            if now >= deadline:
+                raise _Fail(f"transfer not finished within {a.timeout}s ({n} bytes)")
+            wait = deadline - now
+            if next_progress is not None:
+                wait = min(wait, next_progress - now)
+            r, _, _ = select.select([conn], [], [], max(wait, 0))
+            if not r:
+                continue
             try:
                 b = conn.recv(1 << 16)
-            except TimeoutError:
-                raise _Fail(f"transfer not finished within {a.timeout}s ({n} bytes)") from None
+            except ConnectionResetError:
+                if not a.allow_reset:
+                    raise
+                reset = True
+                break
             if not b:
                 break
             t1 = time.monotonic()
@@ -113,7 +140,8 @@ def cmd_tcp_recv(a: argparse.Namespace) -> None:
             h.update(b)
             n += len(b)
     secs = (t1 - t0) if t0 is not None and t1 is not None else 0.0
-    _emit("result", bytes=n, sha256=h.hexdigest(), seconds=round(secs, 3), peer=_endpoint(peer))
+    _emit("result", bytes=n, sha256=h.hexdigest(), seconds=round(secs, 3), peer=_endpoint(peer),
+          reset=reset)
 
 
 def cmd_tcp_send(a: argparse.Namespace) -> None:
@@ -144,10 +172,32 @@ def cmd_tcp_send(a: argparse.Namespace) -> None:
     if a.step:
         _wait_stdin(deadline, "closing")
     local = _endpoint(s.getsockname())
+    if a.close == "rst":
+        _wait_acked(s, deadline)
+        # Linger on with a zero timeout: close() discards the connection and
+        # the kernel sends a RST rather than a FIN (tcp_disconnect path).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
     mbps = sent * 8 / secs / 1e6 if secs > 0 else 0.0
     _emit("result", bytes=sent, sha256=h.hexdigest(), seconds=round(secs, 3),
-          mbps=round(mbps, 1), local=local)
+          mbps=round(mbps, 1), local=local, close=a.close)
+
+
+def _wait_acked(s: socket.socket, deadline: float) -> None:
+    """Wait until the peer acknowledged everything sent (SIOCOUTQ reads 0).
+
+    A RST discards whatever is still queued, so without this the receiver
+    could lose the tail of the data and the integrity check would blame the
+    router for what the sender threw away.
+    """
+    buf = bytearray(4)
+    while True:
+        fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, buf)  # == SIOCOUTQ for sockets
+        if int.from_bytes(buf, sys.byteorder) == 0:
+            return
+        if time.monotonic() > deadline:
+            raise _Fail("peer did not acknowledge all data before the deadline")
+        time.sleep(0.01)
 
 
 # --- UDP -------------------------------------------------------------------
@@ -273,6 +323,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, required=True)
     r.add_argument("--family", type=int, choices=(4, 6), default=4)
     r.add_argument("--bind")
+    r.add_argument("--progress", type=float, default=0.0,
+                   help="emit a progress event every this many seconds (0: never)")
+    r.add_argument("--allow-reset", action="store_true",
+                   help="a reset by the peer ends the transfer with a result, not an error")
     common(r)
     t = sub.add_parser("tcp-send")
     t.add_argument("--dst", required=True)
@@ -280,6 +334,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--bytes", type=int, required=True)
     t.add_argument("--rate-mbps", type=float, default=0.0, help="pace to this rate (0: flat out)")
     t.add_argument("--step", action="store_true", help="wait for stdin before sending and closing")
+    t.add_argument("--close", choices=("fin", "rst"), default="fin",
+                   help="end with a FIN (close) or a RST (SO_LINGER 0 close)")
     common(t)
     e = sub.add_parser("udp-echo")
     e.add_argument("--port", type=int, required=True)
