@@ -19,9 +19,11 @@ Contract:
 - ``Lab`` groups the hosts by role (``client``, ``router``, ``server``,
   optional ``client2``), the ``Link`` facts of each router port, and the
   daemon on the router: ``config()`` builds a config document,
-  ``start_daemon`` / ``stop_daemon`` / ``reload``, ``ctl`` / ``ctl_many`` /
-  ``snapshot`` query it through the agent's ``ctl`` command executed on the
-  router (one process per poll, any number of requests). Scenarios use only
+  ``start_daemon`` / ``stop_daemon`` / ``reload`` / ``signal_daemon``,
+  ``ctl`` / ``ctl_many`` / ``snapshot`` query it through the agent's ``ctl``
+  command executed on the router (one process per poll, any number of
+  requests). ``AgentProc.latest(name)`` is the newest event of a streaming
+  agent (e.g. a receiver's ``progress``). Scenarios use only
   this class, so the same scenario code runs on namespaces and on VMs.
 """
 
@@ -365,6 +367,20 @@ class AgentProc:
         self._pump(0)
         return self._find(name)
 
+    def latest(self, name: str) -> dict[str, Any] | None:
+        """Non-blocking: the most recent event called ``name`` so far (e.g. ``progress``)."""
+        while self._pump(0) and self._buf_pending():
+            pass
+        self._find("")  # raises AgentError if the agent reported an error
+        for ev in reversed(self.events):
+            if ev.get("event") == name:
+                return ev
+        return None
+
+    def _buf_pending(self) -> bool:
+        r, _, _ = select.select([self.proc.stdout.fileno()], [], [], 0)
+        return bool(r)
+
     def send(self, line: str = "go") -> None:
         """One line to the agent's stdin (the ``--step`` go-ahead)."""
         self.proc.stdin.write(line.encode() + b"\n")
@@ -702,6 +718,12 @@ class Lab:
 
     def daemon_alive(self) -> bool:
         return self._job is not None and self._job.alive()
+
+    def signal_daemon(self, sig: str = "HUP") -> None:
+        """Send signal ``sig`` (a ``kill -s`` name: HUP, TERM...) to the daemon on the router."""
+        if self._job is None or not self._job.alive():
+            raise LabError("the daemon is not running")
+        self.router.exec(["kill", "-s", sig, str(self._job.pid)])
 
     def daemon_log(self, tail: int = 40) -> str:
         try:
