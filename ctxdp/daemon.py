@@ -12,6 +12,24 @@ Contract:
   ``start()``. ``run()`` loops until ``stop()``
   or SIGTERM/SIGINT, and ``close()`` releases everything (XDP detached and
   pins removed unless ``offload.keep_on_restart``).
+- Kernel guard (``ctxdp.datapath.guard``): installed at start, before any
+  port opens, so the router's own stack never answers (RST, port
+  unreachable) packets to its addresses that NAT connections own. Required
+  when NAT is configured; kept across a ``keep_on_restart`` shutdown.
+- Restart with kept maps (``offload.keep_on_restart``): shutdown refreshes
+  expiry from the fast path, then writes every tracked connection
+  (``ctxdp.conntrack.state``) to ``state_path(cfg)``, next to the control
+  socket (bpffs holds no regular files; that directory is root-only). The
+  next start adopts the pinned maps (entries are orphans), imports the
+  state file (consumed: deleted once read; ignored if written on another
+  boot or for another pin directory), drops connections the current policy
+  would not admit, re-offers the ones that were offloaded with forwarding
+  recomputed from today's FIB and neighbours (same keys, so the XDP
+  provider claims the adopted entries: same slot, last-used kept, no
+  interruption) and reaps the orphans nobody claimed. Expired rows get one
+  grace period of two aging intervals so the first read-back can refresh
+  them. ``keep_on_restart`` is re-read on reload, so ``reload`` with it off
+  followed by SIGTERM ends a kept run cleanly.
 - One thread, one ``selectors`` loop: port sockets, the netlink event socket
   and the control socket are registered; each receive burst is processed
   inside one offload batch. Every ``aging_interval`` the aging tick runs:
@@ -40,17 +58,25 @@ from typing import Any
 
 from ctxdp.config import Config, ConfigError, load_config
 from ctxdp.conntrack import ConnTracker, CtConfig
+from ctxdp.conntrack.state import (
+    HANDOFF_KEY,
+    StateError,
+    export_conns,
+    import_conns,
+    read_state_file,
+    write_state_file,
+)
 from ctxdp.control import ControlError, ControlServer, check_args, int_arg
 from ctxdp.datapath import sysctl
 from ctxdp.datapath.forward import ADMIT_KEY, Forwarder
 from ctxdp.datapath.guard import GuardError, KernelGuard
 from ctxdp.eligibility import EligibilityPolicy
-from ctxdp.offload import OffloadManager
+from ctxdp.offload import OffloadManager, flow_dir
 from ctxdp.policy import Policy
 from ctxdp.providers.base import Provider, ProviderError
 from ctxdp.providers.dummy import DummyProvider
 
-__all__ = ["Daemon", "run_daemon", "ct_config", "eligibility"]
+__all__ = ["Daemon", "run_daemon", "ct_config", "eligibility", "state_path"]
 
 log = logging.getLogger("ctxdp.daemon")
 
@@ -83,6 +109,26 @@ def eligibility(cfg: Config, ifindex_of: dict[str, int]) -> EligibilityPolicy:
     )
 
 
+def state_path(cfg: Config) -> str:
+    """Where a keep_on_restart shutdown leaves the conntrack state for the next start.
+
+    Next to the control socket (a root-only directory the daemon owns),
+    named after the pin directory whose maps it describes.
+    """
+    pins = os.path.basename(cfg.offload.pin_dir.rstrip("/")) or "ctxdp"
+    return os.path.join(os.path.dirname(os.path.abspath(cfg.control_socket)),
+                        f"conntrack-{pins}.json")
+
+
+def _boot_id() -> str:
+    """This boot's id: CLOCK_MONOTONIC times in a state file are only valid on it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _addr(b: bytes) -> str:
     return str(ipaddress.ip_address(bytes(b)))
 
@@ -102,6 +148,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._closed = False
+        self._ready = False  # started (and state restored): close() may save state
         self._sel = selectors.DefaultSelector()
         self.started_at = clock()
         self._pps_mark = (self.started_at, 0)
@@ -149,6 +196,14 @@ class Daemon:
         self._sel.register(self.nl.fileno(), selectors.EVENT_READ, ("netlink", None))
         self.control = ControlServer(cfg.control_socket, self).start()
         self.control.register(self._sel)
+        if cfg.offload.keep_on_restart:
+            try:
+                self.restore_state(self.clock())
+            except Exception:  # noqa: BLE001 - a bad handoff must not stop the router
+                log.exception("restoring conntrack state; continuing with what was imported")
+        else:
+            self._discard_state()
+        self._ready = True
         log.info("ctxdp started: ports=%s providers=%s offload=%s",
                  ",".join(cfg.port_names), ",".join(p.name for p in self.mgr.providers()),
                  "on" if cfg.offload.enabled else "off")
@@ -268,6 +323,11 @@ class Daemon:
                 pass
             self.control.close()
         mgr = getattr(self, "mgr", None)
+        if mgr is not None and self._ready and self.cfg.offload.keep_on_restart:
+            try:
+                self.save_state(now)
+            except Exception:  # noqa: BLE001 - closing must go on; the next start reaps
+                log.exception("saving conntrack state for the restart")
         if mgr is not None and not self.cfg.offload.keep_on_restart:
             try:
                 mgr.close(now)
@@ -304,6 +364,109 @@ class Daemon:
             self.guard.remove()
         except GuardError as exc:
             log.error("removing the kernel guard: %s", exc)
+
+    # -- restart handoff ----------------------------------------------------------
+    def save_state(self, now: float) -> int:
+        """Write every tracked connection for the next start; returns how many."""
+        mgr = self.mgr
+        with mgr.batch(now):
+            mgr.age(now)  # expiry as of the fast path's last use
+        self._fold_fast_counters()
+        conns = self.ct.conns()
+        rows = export_conns(self.ct, conns)
+        meta = {"boot_id": _boot_id(), "pin_dir": self.cfg.offload.pin_dir, "saved_at": now,
+                "ports": {p.name: p.ifindex for p in self.ports} if self.ports else {}}
+        path = state_path(self.cfg)
+        write_state_file(path, rows, meta)
+        log.info("saved %d connections (%d offloaded) to %s for the restart", len(rows),
+                 sum(1 for r in rows if r["offloaded"]), path)
+        return len(rows)
+
+    def _discard_state(self) -> None:
+        """Without keep_on_restart the maps were flushed: an old state file is stale."""
+        try:
+            os.unlink(state_path(self.cfg))
+            log.info("discarded a stale conntrack state file (maps were flushed)")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("removing a stale conntrack state file: %s", exc)
+
+    def restore_state(self, now: float) -> dict[str, Any]:
+        """Import the state a keep_on_restart shutdown left, re-offer, reap orphans."""
+        out = {"imported": 0, "reoffered": 0, "not_admitted": 0, "reaped": 0, "skipped": {}}
+        path = state_path(self.cfg)
+        rows: list[Any] = []
+        try:
+            meta, rows = read_state_file(path)
+        except StateError as exc:
+            log.info("no conntrack state to restore: %s", exc)
+        else:
+            try:
+                os.unlink(path)  # consumed: never imported twice
+            except OSError as exc:
+                log.warning("removing %s: %s", path, exc)
+            if meta.get("boot_id") != _boot_id() or meta.get("pin_dir") != self.cfg.offload.pin_dir:
+                log.warning("%s was written on another boot or for other pins: ignored", path)
+                rows = []
+        if rows:
+            skipped: dict[str, int] = {}
+            conns = import_conns(self.ct, rows, now, grace=2 * self.cfg.aging_interval,
+                                 skipped=skipped)
+            out["imported"], out["skipped"] = len(conns), skipped
+            with self.mgr.batch(now):
+                for conn in conns:
+                    h = conn.ext.pop(HANDOFF_KEY, None) if conn.ext else None
+                    admit = conn.ext.get(ADMIT_KEY) if conn.ext else None
+                    if admit is not None and not self.policy.still_admits(admit):
+                        self.ct.delete(conn, now, "policy-restore")
+                        out["not_admitted"] += 1
+                    elif h and h["offloaded"] and self._reoffer(conn, h["dirs"], admit, now):
+                        out["reoffered"] += 1
+        reap = getattr(self.xdp, "reap_orphans", None)
+        if reap is not None:
+            try:
+                out["reaped"] = reap()
+            except ProviderError as exc:
+                log.error("reaping orphaned fast-path entries: %s", exc)
+        claimed = self.xdp.stats().get("claimed", 0) if self.xdp is not None else 0
+        log.info("restored %d connections from %s: %d re-offered, %d fast-path entries claimed, "
+                 "%d no longer admitted, %d orphans reaped, skipped %s", out["imported"], path,
+                 out["reoffered"], claimed, out["not_admitted"], out["reaped"], out["skipped"])
+        return out
+
+    def _reoffer(self, conn: Any, dirs: list[Any], admit: Any, now: float) -> bool:
+        """Offer an imported connection with today's forwarding for each direction.
+
+        Only the ingress port comes from the state; egress, MACs, next hop and
+        MTU are looked up now, as the slow path would for a packet. An
+        unresolved next hop is asked for and the offload waits (pending).
+        """
+        fds = []
+        for i, d in enumerate(dirs):
+            if d is None:
+                return False
+            in_port = self.ports.by_ifindex(d["in_ifindex"])
+            if in_port is None or (i == 0 and admit is not None
+                                   and in_port.name != admit.in_ifname):
+                return False
+            out = conn.orig.reverse() if i else conn.reply.reverse()
+            route = self.router.lookup(out.family, out.dst)
+            if route is None or not route.forwardable:
+                return False
+            out_port = self.ports.by_ifindex(route.oif)
+            if out_port is None:
+                return False
+            nh = route.next_hop
+            dmac = self.neigh.lookup(route.oif, nh)
+            if dmac is None:
+                self.neigh.resolve(route.oif, out.family, nh)
+            fd = flow_dir(conn, bool(i), in_port.ifindex, route.oif, out_port.mac, dmac,
+                          route.mtu or out_port.mtu)
+            fds.append((fd, nh))
+        for i, (fd, nh) in enumerate(fds):
+            self.mgr.set_forwarding(conn, bool(i), fd, now, nexthop=nh)
+        return True
 
     # -- main loop ---------------------------------------------------------------
     def run(self) -> int:
@@ -427,6 +590,9 @@ class Daemon:
             log.warning("reload: port changes need a restart; keeping %s", self.cfg.port_names)
         now = self.clock()
         self.cfg = new
+        if self.xdp is not None:
+            # Re-read so that reload + SIGTERM can end a kept run cleanly.
+            self.xdp.keep = new.offload.keep_on_restart
         self.policy = Policy.from_config(new, port_addr=self._addr_fn)
         self.fwd.policy = self.policy
         ifindex_of = {p.name: p.ifindex for p in self.ports}
