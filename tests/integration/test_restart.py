@@ -154,6 +154,46 @@ def test_transfer_survives_sigterm_and_restart_with_kept_maps(lab: Any) -> None:
           f"{sres['seconds']}s at {sres['mbps']} Mbit/s")
 
 
+def test_restart_after_a_crash_reaps_orphans_and_replaces_the_stale_guard(lab: Any) -> None:
+    """After SIGKILL (no state written) the next start replaces the leftover guard table,
+    reaps every orphaned map entry, and the flow is picked up again by the slow path."""
+    doc = _config(lab, keep=True)
+    lab.start_daemon(doc)
+    port = scenarios.free_port()
+    echo = lab.agent("server", ["udp-echo", "--port", str(port), "--idle-exit", "3",
+                                "--timeout", "40"])
+    echo.wait("listening", 10)
+    req = lab.agent("client", ["udp-req", "--dst", lab.addr("server"), "--port", str(port),
+                               "--count", "60", "--interval", "0.1", "--timeout", "40"])
+    local = req.wait("replied", 10)["local"]
+
+    def key(snap: Any) -> dict[str, Any] | None:
+        return snap.find_conn(17, src=local[0], sport=int(local[1]), dport=port)
+
+    scenarios.poll_until(lab, lambda s: (c := key(s)) and c["offloaded"], 5.0, "UDP offload")
+    lab.signal_daemon("KILL")
+    lab.stop_daemon()
+    assert _xdp_ports(lab) and os.path.isdir(lab.pin_dir) and _guard_present(lab)
+    assert not os.path.exists(state_path(parse_config(doc))), "a crash writes no state"
+    lab.router.exec(["nft", "add", "chain", "inet", TABLE, "stale_marker"])
+
+    lab.start_daemon(doc)
+    tables = lab.router.exec(["nft", "list", "table", "inet", TABLE])
+    assert "stale_marker" not in tables and "socket transparent" in tables
+    assert "1 orphans reaped" in lab.daemon_log(), lab.daemon_log()
+    snap, c = scenarios.poll_until(lab, lambda s: (c := key(s)) and c["offloaded"] and c, 5.0,
+                                   "the flow picked up and offloaded again")
+    assert not any(f["orphan"] for f in snap.flows), snap.flows
+    res = req.result(40)
+    assert res["replies"] >= res["sent"] - 2, res
+    echo.kill()
+
+    lab.reload(_config(lab, keep=False))
+    assert lab.stop_daemon() == 0, lab.daemon_log()
+    assert _xdp_ports(lab) == [] and not os.path.exists(lab.pin_dir)
+    assert not _guard_present(lab)
+
+
 # -- the handoff logic without a kernel (fake ports, routes, neighbours) --------------
 
 _WAN_IF = 3
