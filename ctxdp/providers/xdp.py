@@ -128,6 +128,16 @@ class FlowRow:
     dir: int
 
 
+def _batch_unsupported(exc: bpfsys.BatchError, count: int) -> bool:
+    """Whether a batch command failed because the kernel lacks it (pre-5.6).
+
+    An unknown bpf(2) command is EINVAL before the kernel touches
+    attr.batch.count, so the count reads back as either 0 or exactly what was
+    asked; a real failure part way reports how many entries went in.
+    """
+    return exc.errno == errno.EINVAL and exc.done in (0, count)
+
+
 def _errno_of(exc: BaseException) -> int:
     return getattr(exc, "errno", None) or errno.EIO
 
@@ -568,10 +578,10 @@ class XdpProvider(Provider):
                     self._flows_fd, buf, n, key_size=_KS, ignore_missing=True
                 )
             except bpfsys.BatchError as exc:
-                if exc.errno != errno.EINVAL or exc.done:
+                if not _batch_unsupported(exc, n):
                     raise
-                # EINVAL before any key: no BPF_MAP_DELETE_BATCH (pre-5.6).
                 self._has_del_batch = False
+                log.info("xdp: no BPF_MAP_DELETE_BATCH, using single deletes")
         mv = memoryview(buf)
         return sum(bpfsys.map_delete(self._flows_fd, mv[i * _KS : (i + 1) * _KS]) for i in range(n))
 
@@ -968,10 +978,8 @@ class XdpProvider(Provider):
                     self._flows_fd, kbuf, vbuf, count, key_size=_KS, value_size=_VS, start=start
                 )
             except bpfsys.BatchError as exc:
-                if exc.errno != errno.EINVAL or exc.done:
+                if not _batch_unsupported(exc, count):
                     raise
-                # EINVAL before any entry: a kernel without the batch
-                # command (pre-5.6); fall back to single updates for good.
                 self._has_batch = False
                 log.info("xdp: no BPF_MAP_UPDATE_BATCH, using single updates")
         mk, mv = memoryview(kbuf), memoryview(vbuf)

@@ -592,3 +592,23 @@ def test_restart_in_another_mode_replaces_the_kept_program(make, xports):
     assert xdp_mode(xports.a) == "native"
     p2.close()
     assert xdp_mode(xports.a) is None
+
+
+def test_kernel_without_batch_commands_falls_back_to_single_ops(prov, xports, monkeypatch):
+    """When BPF_MAP_UPDATE/DELETE_BATCH are unknown (EINVAL, count untouched) the
+    provider switches to single-element updates and deletes, with the same results."""
+
+    def no_batch(fd, keys, *a, **kw):
+        count = a[1] if len(a) > 1 else a[0]
+        raise bpfsys.BatchError(errno.EINVAL, count, "unsupported")
+
+    monkeypatch.setattr(bpfsys, "map_update_batch", no_batch)
+    monkeypatch.setattr(bpfsys, "map_delete_batch", no_batch)
+    monkeypatch.setattr(prov, "_has_batch", True)
+    monkeypatch.setattr(prov, "_has_del_batch", True)
+    ctxs = [make_ctx(xports, i) for i in range(3)]
+    ops = [Op(OpKind.ADD, c) for c in ctxs]
+    prov.batch_submit(Batch(ops))
+    assert [o.err for o in ops] == [0, 0, 0] and map_len(prov) == 6
+    assert prov.conn_del(ctxs[0]) == 0 and map_len(prov) == 4
+    assert not prov._has_batch and not prov._has_del_batch
