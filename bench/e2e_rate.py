@@ -32,7 +32,7 @@ from typing import Any
 
 import e2e_progs as EP
 
-__all__ = ["CASES", "Case", "Rig", "SYSTEMS", "SYSTEM_NOTES", "establish_udp"]
+__all__ = ["CASES", "Case", "Rig", "SYSTEMS", "SYSTEM_NOTES", "daemon_doc", "establish_udp"]
 
 GEN_BASE_PORT = 20000
 SINK_PORT = 9000
@@ -243,7 +243,7 @@ def establish_udp(rig: Rig, flows: int, timeout: float = 60.0) -> dict[str, int]
 # --------------------------------------------------------------------------
 
 
-def _daemon_doc(rig: Rig, offload: bool) -> dict[str, Any]:
+def daemon_doc(rig: Rig, offload: bool) -> dict[str, Any]:
     lab = rig.lab
     return lab.config(
         nat=[{"type": "masquerade", "out_port": "p1", "src": ["10.0.1.0/24"]}],
@@ -265,7 +265,7 @@ def _ctxdp_probe(rig: Rig) -> Callable[[], dict[str, int]]:
 @contextlib.contextmanager
 def ctxdp_offload(rig: Rig, flows: int = 1000) -> Iterator[Callable[[], dict[str, int]]]:
     """The real daemon, every generator flow established and offloaded to XDP first."""
-    rig.lab.start_daemon(_daemon_doc(rig, True))
+    rig.lab.start_daemon(daemon_doc(rig, True))
     try:
         rig.established = establish_udp(rig, flows)
         yield _ctxdp_probe(rig)
@@ -276,7 +276,7 @@ def ctxdp_offload(rig: Rig, flows: int = 1000) -> Iterator[Callable[[], dict[str
 @contextlib.contextmanager
 def ctxdp_slow(rig: Rig) -> Iterator[Callable[[], dict[str, int]]]:
     """The real daemon with offload disabled: XDP attached, every packet a miss."""
-    rig.lab.start_daemon(_daemon_doc(rig, False))
+    rig.lab.start_daemon(daemon_doc(rig, False))
     try:
         yield _ctxdp_probe(rig)
     finally:
