@@ -756,9 +756,16 @@ class XdpProvider(Provider):
                 self._del_run(run)
             elif kind is OpKind.UPD:
                 self._upd_run(run)
-            elif kind is OpKind.POLICY:
+            elif kind is OpKind.POLICY:  # rewrites of held connections, one syscall
+                held = []
                 for op in run:
-                    op.err = self.conn_policy(op.ctx)  # type: ignore[arg-type]
+                    if op.ctx.priv.get(_PRIV) is None:  # type: ignore[union-attr]
+                        op.err = errno.ENOENT
+                    else:
+                        held.append(op)
+                self._c["policies"] += len(held)
+                if held:
+                    self._add_run(held)
             elif kind is OpKind.EST:
                 for op in run:
                     op.err = 0

@@ -369,6 +369,23 @@ def test_readd_rewrites_in_place(prov, xports):
     assert prov.conn_add(ctx) == 0 and prov.stats()["conns"] == 1
 
 
+def test_policy_batch_rewrites_held_and_refuses_unknown(prov, xports):
+    """A POLICY run rewrites every held connection in place; unknown ones get ENOENT."""
+    ctxs = [make_ctx(xports, i) for i in range(4)]
+    prov.batch_submit(Batch([Op(OpKind.ADD, c) for c in ctxs[:3]]))
+    slots = [prov.slot_of(c) for c in ctxs[:3]]
+    for c in ctxs:
+        c.dirs[0].dst_mac = bytes.fromhex("02000000d0ff")
+    ops = [Op(OpKind.POLICY, c) for c in ctxs]
+    prov.batch_submit(Batch(ops))
+    assert [o.err for o in ops] == [0, 0, 0, errno.ENOENT]
+    assert [prov.slot_of(c) for c in ctxs[:3]] == slots and map_len(prov) == 6
+    dmacs = {
+        bytes(bytearray(v.dmac)) for k, v in bcc_entries(prov).values() if k.ifindex == xports.a_idx
+    }
+    assert dmacs == {bytes.fromhex("02000000d0ff")}
+
+
 def test_conn_del_removes_both_and_frees_the_slot(prov, xports):
     """conn_del deletes both entries; the slot is reused; a second del is ENOENT."""
     ctx = make_ctx(xports)
