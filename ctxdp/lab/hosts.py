@@ -732,9 +732,20 @@ class Lab:
             return "(no daemon log)"
         return "\n".join(lines[-tail:])
 
-    def reload(self, doc: Mapping[str, Any]) -> Any:
-        """Write a new config and ``ctxdp reload`` it; the daemon's answer."""
+    def reload(self, doc: Mapping[str, Any], *, via: str = "ctl") -> Any:
+        """Write a new config and make the daemon re-read it.
+
+        ``via="ctl"``: the ``reload`` control request; returns the daemon's
+        answer once the reload is done. ``via="sighup"``: SIGHUP, which the
+        daemon handles on its next loop turn; returns None, so the caller
+        polls for the effect.
+        """
+        if via not in ("ctl", "sighup"):
+            raise ValueError(f"reload via {via!r}: expected 'ctl' or 'sighup'")
         self._write_config(doc)
+        if via == "sighup":
+            self.signal_daemon("HUP")
+            return None
         return self.ctl("reload")
 
     # -- control ---------------------------------------------------------

@@ -25,10 +25,18 @@ Contract:
   last packet, and ``row packets - flow packets`` is exactly what the slow
   path handled (``settle``). Senders use ``--step`` so the connection is
   idle at those moments: after the handshake and after the data.
+- The flow scenarios build on ``tcp_transfer``: ``snat_transfer`` (masquerade, or static
+  SNAT to ``NAT_POOL``), ``dnat_transfer`` (port forward on the router's
+  address, or on ``PUBLIC_ADDR``), ``tcp_teardown`` (FIN / RST),
+  ``policy_reload`` (``ctxdp reload`` or SIGHUP denying a running stream)
+  and ``offload_toggle`` (``ctxdp offload disable`` / ``enable`` under a
+  running stream). A scenario that needs other config or routes applies
+  them itself (``reconfigured``, ``routed_to_router``) and undoes them on
+  every exit path, so scenarios can share one daemon in any order.
 
 Helpers for writing more scenarios: ``settle``, ``poll_until``,
-``free_port``, ``conn_label``. Register a new scenario in ``SCENARIOS`` so
-the runner picks it up: ``python3 -m ctxdp.lab.scenarios [--spec LAB.json]
+``free_port``, ``conn_label``, ``reconfigured``, ``routed_to_router``.
+Register a new scenario in ``SCENARIOS`` so the runner picks it up: ``python3 -m ctxdp.lab.scenarios [--spec LAB.json]
 [--family 4 6] [NAME ...]`` runs scenarios on a fresh ``NetnsLab``, or on
 the hosts a spec describes (``ctxdp.lab.hosts.lab_from_spec``; the VM lab),
 with ``QUICK_TIMEOUTS``, prints one JSON line per run and exits 0 only if
@@ -38,26 +46,38 @@ all passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import ipaddress
 import json
 import math
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ctxdp.lab.hosts import AgentError, Lab, Snapshot
 
 __all__ = [
+    "NAT_POOL",
+    "PUBLIC_ADDR",
     "QUICK_TIMEOUTS",
     "SCENARIOS",
     "Observer",
     "conn_label",
+    "dnat_transfer",
     "free_port",
-    "poll_until",
-    "settle",
-    "tcp_transfer",
     "main",
+    "offload_toggle",
+    "policy_reload",
+    "poll_until",
+    "reconfigured",
+    "routed_to_router",
+    "settle",
+    "snat_transfer",
+    "tcp_teardown",
+    "tcp_transfer",
     "udp_offload_and_age",
 ]
 
@@ -174,6 +194,7 @@ def tcp_transfer(
     mtu: int = 1500,
     slow_growth_max: int = 2,
     wait_gone: bool = False,
+    close: str = "fin",
     observe: Observer | None = None,
     progress_every: float = 1.0,
     timeout: float = 60.0,
@@ -187,23 +208,29 @@ def tcp_transfer(
     counters reached the transfer's size (>= 95 % of the minimum segment
     count at ``mtu``, and of the bytes); closing withdraws the offload and
     leaves the connection closing/closed in conntrack (``wait_gone``: until
-    it is gone). ``connect_addr``/``connect_port`` default to ``dst``'s
+    it is gone). ``close="rst"`` ends it with a RST instead of a FIN (the
+    sender waits for every byte to be acked, then closes with SO_LINGER 0):
+    the receiver must see the reset and conntrack must say CLOSED.
+    ``connect_addr``/``connect_port`` default to ``dst``'s
     address and the listening port (set them for DNAT); ``expect_peer`` is
     the source address the server must see (SNAT).
     """
     emit = observe or _noop
+    if close not in ("fin", "rst"):
+        raise ValueError(f"close={close!r}: expected 'fin' or 'rst'")
     port = port or free_port()
     caddr = connect_addr or lab.addr(dst, family)
     cport = connect_port or port
     t_start = time.monotonic()
     rx = lab.agent(dst, ["tcp-recv", "--port", str(port), "--family", str(family),
-                         "--timeout", str(timeout)])
+                         "--timeout", str(timeout)]
+                   + (["--allow-reset"] if close == "rst" else []))
     tx = None
     try:
         rx.wait("listening", 15)
         tx = lab.agent(src, ["tcp-send", "--dst", caddr, "--port", str(cport),
                              "--bytes", str(nbytes), "--rate-mbps", str(rate_mbps), "--step",
-                             "--timeout", str(timeout)])
+                             "--close", close, "--timeout", str(timeout)])
         local = tx.wait("connected", 15)["local"]
         t_conn = time.monotonic()
         base = {"proto": TCP, "local": local, "dst": caddr, "dport": cport}
@@ -263,13 +290,13 @@ def tcp_transfer(
         if not conn.get("offloaded"):
             raise _fail(lab, f"{conn_label(conn)} no longer offloaded after the data: {conn}")
 
-        # 3. Close: FIN goes to the slow path, which ends the offload.
+        # 3. Close: the FIN (or RST) goes to the slow path, which ends the offload.
         tx.send("close")
         sres = tx.result(timeout)
         rres = rx.result(timeout)
         snap, conn_closed = poll_until(
             lab, lambda s: (c := key(s)) is not None and not c.get("offloaded")
-            and not any(s.flows_of(c)) and c, 5.0, "offload withdrawn after FIN")
+            and not any(s.flows_of(c)) and c, 5.0, f"offload withdrawn after {close.upper()}")
         t_closed = time.monotonic()
         emit("withdrawn", {**base, "conn": conn_closed, "state": conn_closed.get("state")})
         gone_after = None
@@ -302,8 +329,12 @@ def tcp_transfer(
                         f"segments / {nbytes} bytes")
     if gaps:
         problems.append(f"connection missing or not offloaded in {gaps} polls during the data")
-    if conn_closed.get("state") not in ("FIN_WAIT", "CLOSING", "TIME_WAIT", "CLOSED"):
-        problems.append(f"after close conntrack says {conn_closed.get('state')}")
+    closed_ok = ("CLOSED",) if close == "rst" else ("FIN_WAIT", "CLOSING", "TIME_WAIT", "CLOSED")
+    if conn_closed.get("state") not in closed_ok:
+        problems.append(f"after the {close.upper()} conntrack says {conn_closed.get('state')}, "
+                        f"expected one of {closed_ok}")
+    if close == "rst" and not rres.get("reset"):
+        problems.append("the receiver did not see the connection reset")
     if expect_peer is not None and rres["peer"][0] != expect_peer:
         problems.append(f"server saw source {rres['peer'][0]}, expected {expect_peer}")
     if problems:
@@ -322,6 +353,8 @@ def tcp_transfer(
         "fast_bytes": fast_bytes,
         "min_segments": min_segs,
         "closed_state": conn_closed.get("state"),
+        "close": close,
+        "receiver_reset": bool(rres.get("reset")),
         "gone_after_s": gone_after,
         "elapsed_s": round(time.monotonic() - t_start, 2),
     }
@@ -495,6 +528,527 @@ def udp_offload_and_age(
 
 
 # --------------------------------------------------------------------------
+# Config and routes a scenario changes, and undoes on every exit path
+# --------------------------------------------------------------------------
+
+#: Addresses on no lab link, routed to the router by the NAT scenarios: a
+#: static SNAT source and a DNAT "public" address. RFC 2544 benchmarking
+#: and RFC 3849 documentation space, so they never clash with a real network.
+NAT_POOL: dict[int, str] = {4: "198.18.200.10", 6: "2001:db8:c7::10"}
+PUBLIC_ADDR: dict[int, str] = {4: "198.18.201.1", 6: "2001:db8:c8::1"}
+
+
+def _ip(text: Any) -> str:
+    """An address in canonical text (IPv6 compressed), for comparisons."""
+    try:
+        return str(ipaddress.ip_address(str(text)))
+    except ValueError:
+        return str(text)
+
+
+def _hp(addr: Any, port: Any) -> str:
+    """``addr:port``, bracketed for IPv6."""
+    return f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}"
+
+
+def _host_prefix(addr: str) -> str:
+    return f"{addr}/{128 if ':' in addr else 32}"
+
+
+@contextlib.contextmanager
+def reconfigured(lab: Lab, **changes: Any) -> Iterator[dict[str, Any]]:
+    """Reload the daemon with ``changes`` (top-level config keys) over the running
+    config; reload the previous config on exit, whatever happened."""
+    base = dict(lab.doc) if lab.doc is not None else lab.config()
+    doc = {**base, **changes}
+    lab.reload(doc)
+    try:
+        yield doc
+    finally:
+        lab.reload(base)
+
+
+@contextlib.contextmanager
+def routed_to_router(lab: Lab, addr: str, roles: Sequence[str],
+                     blackhole: bool = True) -> Iterator[None]:
+    """Route ``addr`` (on no lab link) from hosts ``roles`` to the router; undo on exit.
+
+    Each host gets a host route via the router's address on its link (a
+    netns host's default route already points there; a VM's usually does
+    not). The router gets a blackhole route for ``addr``, as a NAT router
+    owns its pool: the slow path has its AF_PACKET copy of every frame, and
+    the blackhole makes the router's own stack drop the original silently.
+    Without it an IPv6 router stack with no route answers "no route"
+    (ICMPv6) even with forwarding off, and that aborts a connecting client.
+    """
+    v = ["-6"] if ":" in addr else ["-4"]
+    prefix = _host_prefix(addr)
+    undo: list[tuple[Any, list[str]]] = []
+    try:
+        for role in roles:
+            via = lab.router_addr(role, 6 if ":" in addr else 4)
+            lab.host(role).exec(["ip", *v, "route", "replace", prefix, "via", via])
+            undo.append((lab.host(role), ["ip", *v, "route", "del", prefix, "via", via]))
+        if blackhole:
+            lab.router.exec(["ip", *v, "route", "replace", "blackhole", prefix])
+            undo.append((lab.router, ["ip", *v, "route", "del", "blackhole", prefix]))
+        yield
+    finally:
+        for host, argv in reversed(undo):
+            host.exec(argv, check=False)
+
+
+def _watcher(observe: Observer | None, into: dict[str, Any]) -> Observer:
+    """An observer that keeps each event's first data (and time) and passes it on."""
+    emit = observe or _noop
+
+    def watch(event: str, data: dict[str, Any]) -> None:
+        into.setdefault(event, {**data, "_t": time.monotonic()})
+        into.setdefault("_all", []).append((event, time.monotonic(), data))
+        emit(event, data)
+
+    return watch
+
+
+# --------------------------------------------------------------------------
+# NAT
+# --------------------------------------------------------------------------
+
+
+def snat_transfer(
+    lab: Lab,
+    *,
+    family: int = 4,
+    to: str | None = None,
+    nbytes: int = 3_000_000,
+    rate_mbps: float = 40.0,
+    observe: Observer | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """``tcp_transfer`` with source NAT on the server-facing port.
+
+    ``to=None``: masquerade, so the server must see the router's own
+    address on its link (the router's stack is kept from resetting the
+    replies by the daemon's kernel guard). ``to="pool"`` (the lab's
+    ``NAT_POOL`` address) or an address: static SNAT to an address no host
+    owns, routed to the router (``routed_to_router``). The config is
+    reloaded with the NAT rule and restored afterwards. Asserts everything
+    ``tcp_transfer`` does (integrity, offload after the handshake, slow path
+    flat, fast path carrying the transfer, FIN withdrawal) plus: the server
+    saw the NAT address as the source, and conntrack's reply tuple is
+    addressed to it (the translation the fast path applies).
+    """
+    if to == "pool":
+        to = NAT_POOL[family]
+    out_port = lab.port("server")
+    if to is None:
+        rule: dict[str, Any] = {"type": "masquerade", "out_port": out_port}
+        expect = lab.router_addr("server", family)
+    else:
+        rule = {"type": "snat", "out_port": out_port, "to": to}
+        expect = to
+    seen: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        if to is not None:
+            stack.enter_context(routed_to_router(lab, to, ("server",)))
+        stack.enter_context(reconfigured(lab, nat=[rule]))
+        r = tcp_transfer(lab, family=family, nbytes=nbytes, rate_mbps=rate_mbps,
+                         expect_peer=expect, observe=_watcher(observe, seen), timeout=timeout)
+    reply = seen["offloaded"]["conn"]["reply"]
+    if _ip(reply.get("dst")) != _ip(expect):
+        raise _fail(lab, f"snat_transfer: conntrack reply tuple {reply} is not addressed to "
+                         f"the NAT address {expect}")
+    return {**r, "nat": rule["type"], "nat_addr": expect, "reply_tuple": reply}
+
+
+def dnat_transfer(
+    lab: Lab,
+    *,
+    family: int = 4,
+    public: str | None = None,
+    nbytes: int = 3_000_000,
+    rate_mbps: float = 40.0,
+    observe: Observer | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """A TCP port-forward: the client connects to ``public``:F, the server accepts on port S.
+
+    ``public=None``: the router's own address on the client's link (the
+    classic port forward; the kernel guard keeps the router's stack from
+    resetting it). ``public="routed"`` (the lab's ``PUBLIC_ADDR``) or an
+    address: one no host owns, routed to the router (``routed_to_router``),
+    so the router's stack never thinks the connection is its own. The DNAT
+    rule matches that destination (``dst``) and the forwarded port F on the
+    client's port and rewrites to the server's address and its real port S
+    != F. Asserts everything ``tcp_transfer`` does, plus: the server saw the
+    client's own address (no SNAT), and conntrack's reply tuple comes from
+    the server's real address and port.
+    """
+    pub = PUBLIC_ADDR[family] if public == "routed" else public
+    pub = pub or lab.router_addr("client", family)
+    fport = free_port()
+    real = free_port()
+    while real == fport:
+        real = free_port()
+    server = lab.addr("server", family)
+    rule = {"type": "dnat", "in_port": lab.port("client"), "proto": "tcp", "dport": fport,
+            "to": server, "to_port": real, "dst": _host_prefix(pub)}
+    seen: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        if public is not None:
+            stack.enter_context(routed_to_router(lab, pub, ("client",)))
+        stack.enter_context(reconfigured(lab, nat=[rule]))
+        r = tcp_transfer(lab, family=family, nbytes=nbytes, rate_mbps=rate_mbps, port=real,
+                         connect_addr=pub, connect_port=fport,
+                         expect_peer=lab.addr("client", family),
+                         observe=_watcher(observe, seen), timeout=timeout)
+    reply = seen["offloaded"]["conn"]["reply"]
+    if (_ip(reply.get("src")), int(reply.get("sport", -1))) != (_ip(server), real):
+        raise _fail(lab, f"dnat_transfer: conntrack reply tuple {reply} does not come from "
+                         f"the server's real endpoint {server}:{real}")
+    return {**r, "public": _hp(pub, fport), "forwarded_to": _hp(server, real),
+            "reply_tuple": reply}
+
+
+# --------------------------------------------------------------------------
+# Teardown
+# --------------------------------------------------------------------------
+
+
+def _punts(snap: Snapshot) -> int:
+    return int(((snap.stats.get("fast_path") or {}).get("punts") or {}).get("fin_rst", 0))
+
+
+def tcp_teardown(
+    lab: Lab,
+    *,
+    family: int = 4,
+    close: str = "fin",
+    nbytes: int = 500_000,
+    observe: Observer | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """A FIN (``close="fin"``) or RST (``"rst"``) ends the offload; conntrack closes cleanly.
+
+    Runs a short offloaded ``tcp_transfer`` (which already checks the
+    withdrawal and the closed state) and asserts explicitly: the XDP program
+    punted the FIN/RST to the slow path (its ``fin_rst`` punt counter grew);
+    the connection's flow entries were gone and it was no longer offloaded
+    within an aging interval (+ 2 s of polling) of the close; conntrack
+    said FIN_WAIT/CLOSING/TIME_WAIT/CLOSED after a FIN and CLOSED after a
+    RST; the RST reached the receiver; and the connection then left
+    conntrack by its closing timeout (nothing left behind).
+    """
+    seen: dict[str, Any] = {}
+    punts0 = _punts(lab.snapshot())
+    r = tcp_transfer(lab, family=family, nbytes=nbytes, rate_mbps=20.0, close=close,
+                     wait_gone=True, observe=_watcher(observe, seen), timeout=timeout)
+    punts1 = _punts(lab.snapshot())
+    # The close is sent right after the data phase settled (the last "settled").
+    t_close = [t for ev, t, d in seen["_all"] if ev == "settled"][-1]
+    withdrawn_after = seen["withdrawn"]["_t"] - t_close
+    problems = []
+    if punts1 <= punts0:
+        problems.append(f"the XDP fin_rst punt counter did not grow ({punts0} -> {punts1})")
+    if withdrawn_after > lab.aging_interval + 2.0:
+        problems.append(f"offload withdrawn {withdrawn_after:.2f}s after the close")
+    if close == "rst" and not r["receiver_reset"]:
+        problems.append("the receiver did not see the RST")
+    if r["gone_after_s"] is None:
+        problems.append("the connection never left conntrack")
+    if problems:
+        raise _fail(lab, f"tcp_teardown ({close}) {r['conn']}: " + "; ".join(problems))
+    return {**r, "punts_fin_rst": punts1 - punts0,
+            "withdrawn_after_close_s": round(withdrawn_after, 2)}
+
+
+# --------------------------------------------------------------------------
+# Streams the operator changes under: policy reload, offload off and on
+# --------------------------------------------------------------------------
+
+
+class _Stream:
+    """A paced TCP stream client -> server, offloaded and flowing, for the runtime scenarios.
+
+    ``open()`` starts a receiver that reports progress every 0.1 s and a
+    sender paced at ``rate_mbps`` that waits (``--step``) until the
+    connection is offloaded, then sends ``nbytes``; it returns once XDP
+    carries the data. ``close()`` kills both agents (every exit path).
+    """
+
+    def __init__(self, lab: Lab, family: int, nbytes: int, rate_mbps: float,
+                 timeout: float) -> None:
+        self.lab, self.family, self.nbytes = lab, family, nbytes
+        self.rate_mbps, self.timeout = rate_mbps, timeout
+        self.port = free_port()
+        self.addr = lab.addr("server", family)
+        self.rx: Any = None
+        self.tx: Any = None
+        self.local: list[Any] = []
+
+    def key(self, snap: Snapshot) -> dict[str, Any] | None:
+        return snap.find_conn(TCP, src=self.local[0], sport=int(self.local[1]), dport=self.port)
+
+    def flows(self, snap: Snapshot) -> list[dict[str, Any]]:
+        """Flow rows of this stream (either direction), by the client's port."""
+        sport = int(self.local[1])
+        return [f for f in snap.flows
+                if int(f.get("match", {}).get("proto", -1)) == TCP
+                and sport in (int(f["match"].get("sport", -1)), int(f["match"].get("dport", -1)))]
+
+    def received(self) -> int:
+        ev = self.rx.latest("progress")
+        return int(ev["bytes"]) if ev else 0
+
+    def open(self, min_fast_pkts: int = 50) -> tuple[Snapshot, dict[str, Any]]:
+        lab = self.lab
+        self.rx = lab.agent("server", ["tcp-recv", "--port", str(self.port), "--family",
+                                       str(self.family), "--progress", "0.1",
+                                       "--timeout", str(self.timeout)])
+        self.rx.wait("listening", 15)
+        self.tx = lab.agent("client", ["tcp-send", "--dst", self.addr, "--port", str(self.port),
+                                       "--bytes", str(self.nbytes), "--rate-mbps",
+                                       str(self.rate_mbps), "--step",
+                                       "--timeout", str(self.timeout)])
+        self.local = self.tx.wait("connected", 15)["local"]
+        poll_until(lab, lambda s: (c := self.key(s)) and c.get("offloaded"), 5.0,
+                   "offload after the TCP handshake")
+        self.tx.send("go")
+        return poll_until(
+            lab, lambda s: (c := self.key(s)) and c.get("offloaded")
+            and s.fast_pkts(c)[0] >= min_fast_pkts and self.received() > 0 and c,
+            10.0, f"the stream flowing through XDP ({min_fast_pkts}+ packets) to the server")
+
+    def label(self) -> str:
+        return f"tcp {_hp(*self.local)} -> {_hp(self.addr, self.port)}"
+
+    def close(self) -> None:
+        for ap in (self.tx, self.rx):
+            if ap is not None:
+                ap.kill()
+
+
+def _deny_policy(base: Mapping[str, Any], addr: str, port: int) -> dict[str, Any]:
+    """``base``'s policy with one deny rule for TCP to ``addr``:``port`` put first."""
+    pol = dict(base.get("policy") or {"default": "allow"})
+    rule = {"action": "deny", "proto": "tcp", "dst": _host_prefix(addr), "dport": port,
+            "comment": "flow scenario: deny the running stream"}
+    pol["rules"] = [rule, *(pol.get("rules") or [])]
+    return pol
+
+
+def policy_reload(
+    lab: Lab,
+    *,
+    family: int = 4,
+    via: str = "ctl",
+    rate_mbps: float = 16.0,
+    observe: Observer | None = None,
+    timeout: float = 40.0,
+) -> dict[str, Any]:
+    """A reload whose policy denies an offloaded, streaming connection stops it in one interval.
+
+    A paced stream is offloaded and carried by XDP; then the config is
+    rewritten with a deny rule for it (default unchanged) and reloaded
+    (``via="ctl"``: ``ctxdp reload``; ``"sighup"``: SIGHUP to the daemon).
+    Asserts: the connection left conntrack and its flow entries the map
+    within one aging interval (+ 1 s of polling) of the request (the ctl
+    answer counts it withdrawn and deleted); from one aging interval after
+    the request on, for 2 s: no byte reached the server, the router-wide
+    fast-path hit counter stood still, and the slow path refused the
+    sender's retransmissions (its policy-deny / ct-invalid drops grew).
+    The previous config is restored on every exit path.
+    """
+    emit = observe or _noop
+    stream = _Stream(lab, family, int(rate_mbps * 1e6 / 8 * timeout), rate_mbps, timeout)
+    base = dict(lab.doc) if lab.doc is not None else lab.config()
+    reloaded = False
+    try:
+        snap, conn = stream.open()
+        emit("offloaded", {"proto": TCP, "conn": conn, "fast_pkts": snap.fast_pkts(conn)})
+        rx_before = stream.received()
+        t_req = time.monotonic()
+        answer = lab.reload({**base, "policy": _deny_policy(base, stream.addr, stream.port)},
+                            via=via)
+        reloaded = True
+        snap, _ = poll_until(lab, lambda s: stream.key(s) is None and not stream.flows(s),
+                             lab.aging_interval + 5.0, "the denied connection removed")
+        gone_after = snap.t - t_req
+        emit("withdrawn", {"proto": TCP, "conn": conn, "after_s": round(gone_after, 2)})
+
+        # From one aging interval after the request (+ one progress period
+        # and the pipe) the stream must stand still.
+        time.sleep(max(t_req + lab.aging_interval + 0.3 - time.monotonic(), 0))
+        s1 = lab.snapshot()
+        b1 = stream.received()
+        time.sleep(2.0)
+        s2 = lab.snapshot()
+        b2 = stream.received()
+    except AgentError as exc:
+        raise _fail(lab, f"traffic agent failed: {exc}") from exc
+    finally:
+        stream.close()
+        if reloaded:
+            lab.reload(base)
+
+    def refused(s: Snapshot) -> int:
+        d = (s.stats.get("slow_path") or {}).get("dropped") or {}
+        return int(d.get("policy-deny", 0)) + int(d.get("ct-invalid", 0))
+
+    hits = [int((s.stats.get("fast_path") or {}).get("hits", 0)) for s in (s1, s2)]
+    problems = []
+    if via == "ctl" and (not answer or answer.get("deleted", 0) < 1
+                         or answer.get("withdrawn", 0) < 1):
+        problems.append(f"reload answered {answer}, expected the stream withdrawn and deleted")
+    if gone_after > lab.aging_interval + 1.0:
+        problems.append(f"connection still present {gone_after:.2f}s after the reload "
+                        f"(aging interval {lab.aging_interval}s)")
+    if b2 != b1:
+        problems.append(f"the server still received {b2 - b1} bytes from "
+                        f"{lab.aging_interval + 0.3:.1f}s after the reload on")
+    if hits[1] != hits[0]:
+        problems.append(f"fast-path hits still grew by {hits[1] - hits[0]} after the reload")
+    if refused(s2) <= refused(snap):
+        problems.append("the slow path refused no retransmission of the denied stream")
+    if problems:
+        raise _fail(lab, f"policy_reload via {via} {stream.label()}: " + "; ".join(problems))
+    return {
+        "conn": stream.label(),
+        "via": via,
+        "answer": answer,
+        "received_before": rx_before,
+        "received_final": b2,
+        "removed_after_s": round(gone_after, 2),
+        "refused_retransmits": refused(s2) - refused(snap),
+        "slow_path_drops": _drops_delta(snap, s2),
+    }
+
+
+def _drops_delta(a: Snapshot, b: Snapshot) -> dict[str, int]:
+    """Slow-path drop reasons that grew from ``a`` to ``b``, and by how much."""
+    da = (a.stats.get("slow_path") or {}).get("dropped") or {}
+    db = (b.stats.get("slow_path") or {}).get("dropped") or {}
+    return {k: int(v) - int(da.get(k, 0)) for k, v in db.items() if int(v) > int(da.get(k, 0))}
+
+
+def offload_toggle(
+    lab: Lab,
+    *,
+    family: int = 4,
+    nbytes: int = 10_000_000,
+    rate_mbps: float = 16.0,
+    slow_window: float = 1.5,
+    observe: Observer | None = None,
+    timeout: float = 40.0,
+) -> dict[str, Any]:
+    """``ctxdp offload disable`` withdraws a streaming connection; ``enable`` re-offers it.
+
+    A paced stream is offloaded and carried by XDP. Asserts: after
+    ``offload`` ``enabled=false`` the connection is no longer offloaded and
+    its flow entries are gone within an aging interval (+ 1 s); for
+    ``slow_window`` seconds it stays in conntrack, un-offloaded, in every
+    poll while the server keeps receiving (at least half the paced rate)
+    and the connection's slow-path packet count grows; after
+    ``enabled=true`` it is offloaded again and XDP carries it (fresh flow
+    entries counting packets) before the data ends; the transfer completes
+    intact (sha256). Offload is switched back on on every exit path.
+    """
+    emit = observe or _noop
+    stream = _Stream(lab, family, nbytes, rate_mbps, timeout)
+    disabled = False
+    try:
+        snap, conn = stream.open(min_fast_pkts=30)
+        emit("offloaded", {"proto": TCP, "conn": conn, "fast_pkts": snap.fast_pkts(conn)})
+        fast_first = snap.fast_pkts(conn)
+
+        t_dis = time.monotonic()
+        off = lab.ctl("offload", enabled=False)
+        disabled = True
+        snap, conn = poll_until(
+            lab, lambda s: (c := stream.key(s)) and not c.get("offloaded")
+            and not stream.flows(s) and c, lab.aging_interval + 5.0,
+            "withdrawal after offload disable")
+        withdrawn_after = snap.t - t_dis
+        emit("withdrawn", {"proto": TCP, "conn": conn, "after_s": round(withdrawn_after, 2)})
+        enabled_stat = (snap.stats.get("offload") or {}).get("enabled")
+
+        # The slow path carries it now.
+        b0, p0, t0 = stream.received(), Snapshot.conn_pkts(conn), snap.t
+        gaps: list[str] = []
+        while time.monotonic() - t0 < slow_window:
+            time.sleep(_POLL)
+            snap = lab.snapshot(stats=False)
+            c = stream.key(snap)
+            if c is None or c.get("offloaded") or stream.flows(snap):
+                gaps.append(f"t={snap.t - t0:.2f}s conn={'present' if c else 'absent'} "
+                            f"offloaded={c and c.get('offloaded')} flows={len(stream.flows(snap))}")
+            elif c is not None:
+                conn = c
+        b1, p1, t1 = stream.received(), Snapshot.conn_pkts(conn), snap.t
+        if stream.tx.poll_event("sent") is not None:
+            raise _fail(lab, f"{stream.label()}: the data ended during the slow-path window; "
+                             f"raise nbytes")
+
+        t_en = time.monotonic()
+        on = lab.ctl("offload", enabled=True)
+        disabled = False
+        snap, conn = poll_until(
+            lab, lambda s: (c := stream.key(s)) and c.get("offloaded")
+            and s.fast_pkts(c)[0] >= 20 and c, lab.aging_interval + 5.0,
+            "re-offload after offload enable, XDP carrying the stream")
+        reoffloaded_after = snap.t - t_en
+        fast_again = snap.fast_pkts(conn)
+        emit("offloaded", {"proto": TCP, "conn": conn, "fast_pkts": fast_again})
+        late = stream.tx.poll_event("sent") is not None
+
+        sres = stream.tx.wait("sent", timeout)
+        stream.tx.send("close")
+        sres = stream.tx.result(timeout)
+        rres = stream.rx.result(timeout)
+    except AgentError as exc:
+        raise _fail(lab, f"traffic agent failed: {exc}") from exc
+    finally:
+        if disabled:
+            lab.ctl("offload", enabled=True)
+        stream.close()
+
+    want_bytes = 0.5 * rate_mbps * 1e6 / 8 * (t1 - t0)
+    problems = []
+    if off.get("enabled") is not False or enabled_stat is not False:
+        problems.append(f"offload disable answered {off}, stats enabled={enabled_stat}")
+    if on.get("enabled") is not True:
+        problems.append(f"offload enable answered {on}")
+    if withdrawn_after > lab.aging_interval + 1.0:
+        problems.append(f"withdrawn {withdrawn_after:.2f}s after disable")
+    if gaps:
+        problems.append(f"while disabled the connection was not in the slow path: {gaps[:3]}")
+    if b1 - b0 < want_bytes:
+        problems.append(f"server got {b1 - b0} bytes in {t1 - t0:.2f}s through the slow path, "
+                        f"expected >= {want_bytes:.0f}")
+    if p1 <= p0:
+        problems.append(f"slow-path packet count did not grow while disabled ({p0} -> {p1})")
+    if late:
+        problems.append("the data ended before XDP carried the stream again")
+    if (rres["bytes"], rres["sha256"]) != (nbytes, sres["sha256"]):
+        problems.append(f"integrity: sent {nbytes} bytes sha256 {sres['sha256'][:16]}, "
+                        f"received {rres['bytes']} sha256 {rres['sha256'][:16]}")
+    if problems:
+        raise _fail(lab, f"offload_toggle {stream.label()}: " + "; ".join(problems))
+    return {
+        "conn": stream.label(),
+        "bytes": nbytes,
+        "sha256": sres["sha256"],
+        "fast_pkts_before_disable": fast_first,
+        "withdrawn_after_s": round(withdrawn_after, 2),
+        "slow_window_bytes": b1 - b0,
+        "slow_window_pkts": p1 - p0,
+        "slow_window_s": round(t1 - t0, 2),
+        "reoffloaded_after_s": round(reoffloaded_after, 2),
+        "fast_pkts_after_enable": fast_again,
+    }
+
+
+# --------------------------------------------------------------------------
 # Runner
 # --------------------------------------------------------------------------
 
@@ -502,6 +1056,15 @@ def udp_offload_and_age(
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "tcp_transfer": tcp_transfer,
     "udp_offload_and_age": udp_offload_and_age,
+    "snat_masquerade": snat_transfer,
+    "snat_pool": functools.partial(snat_transfer, to="pool"),
+    "dnat_router_addr": dnat_transfer,
+    "dnat_routed_addr": functools.partial(dnat_transfer, public="routed"),
+    "tcp_teardown_fin": tcp_teardown,
+    "tcp_teardown_rst": functools.partial(tcp_teardown, close="rst"),
+    "policy_reload": policy_reload,
+    "policy_reload_sighup": functools.partial(policy_reload, via="sighup"),
+    "offload_toggle": offload_toggle,
 }
 
 
