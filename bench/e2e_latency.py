@@ -18,11 +18,16 @@ segment ``j = packets - k`` was the first one XDP forwarded; its latency is
 moment the entry appeared (reported as the resolution). ``k == 0`` means
 "not offloaded within the window" (counted as censored, and any percentile
 reaching them is reported as above the window).
-Guards: TCP_INFO per socket must show exactly ``packets + 2`` segments sent
-(SYN, ACK, data) and no retransmission, otherwise segments were merged or
-repeated and the count would not map to send order; such connections are
-excluded and counted. The client's initial congestion window is raised so
-the data never waits for ACKs (which would merge segments).
+Guards: TCP_INFO gives the segments each socket sent. ``packets + 2``
+(SYN, ACK, data) is the normal case. ``e`` more (tail-loss probes or
+retransmissions, typically when the slow path stalled) may have been
+forwarded by XDP and inflate ``k``: the first fast data segment is then
+taken as ``j = packets - k + e`` (an upper bound; such connections are
+counted as ``widened``, never dropped, since dropping them would hide
+exactly the slow cases). Fewer segments than sends means segments merged
+and the count no longer maps to send order: excluded and counted (the
+client's initial congestion window is raised so data never waits for ACKs,
+which is what would merge them).
 """
 
 from __future__ import annotations
@@ -152,23 +157,30 @@ def offload_latency(lab: Any, conns: int = 1000, packets: int = 40,
         m = f["match"]
         if m["proto"] == 6 and m["dport"] == PORT and m["src"] == src:
             fast[m["sport"]] = int(f["packets"])
-    lat, lower, excluded, censored, slow_pkts = [], [], 0, 0, []
+    lat, lower, excluded, censored, widened, slow_pkts = [], [], 0, 0, 0, []
     for r in recs:
-        if r["retrans"] or r["segs_out"] != packets + 2:
+        extra = r["segs_out"] - (packets + 2)
+        if extra < 0:  # segments merged: counts no longer map to send times
             excluded += 1
             continue
         k = fast.get(r["sport"], 0)
-        if k == 0:
+        # ``extra`` segments (tail-loss probes, retransmissions) may have
+        # been among the k fast ones: assume they all were, which moves the
+        # first fast data segment later, never earlier (an upper bound).
+        j = packets - k + extra
+        widened += extra > 0
+        if k == 0 or j >= packets:
             censored += 1
             lat.append(math.inf)
             continue
-        j = packets - k
         slow_pkts.append(j)
         lat.append((r["sends"][j] - r["t_hs"]) * 1e3)
-        lower.append(((r["sends"][j - 1] - r["t_hs"]) * 1e3) if j > 0 else 0.0)
+        j_lo = packets - k  # the optimistic reading, for the lower bound
+        lower.append(((r["sends"][j_lo - 1] - r["t_hs"]) * 1e3) if j_lo > 0 else 0.0)
     window = packets * interval * 1e3
     return {
         "conns": conns, "measured": len(lat), "excluded": excluded, "censored": censored,
+        "widened": widened,
         "packets_per_conn": packets, "interval_ms": interval * 1e3, "window_ms": window,
         "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
         "max_ms": max(lat) if lat else math.nan,
