@@ -9,6 +9,15 @@
  * (atomic, like ct_offload's) and redirect through a devmap; everything else
  * is XDP_PASS. It is deliberately the least a forwarder can do, so the ratio
  * ct_offload/ref_fwd is the price of conntrack offload features.
+ *
+ * Key shape (build knob), because the hash of a wider key costs real time:
+ *   default          struct ref_key: the classic compact 5-tuple, 16 bytes
+ *                    (addresses, ports, protocol) — THE reference of the bar;
+ *   -DREF_KEY_WIDE   struct ct_flow_key from bpf/ct_offload.h: the 44-byte
+ *                    family-generic key ct_offload looks every packet up with.
+ * The ct_offload shape needs -I<repo>/bpf. Only the key differs between
+ * the builds, so the step between them is the price of the key alone.
+ *
  * Its egress map is the same kind ct_offload uses (a DEVMAP_HASH keyed by
  * ifindex, which bcc 0.26 cannot declare: the bench creates it, pins it and
  * passes -DREF_TX_PIN="path"), so the comparison is about conntrack
@@ -20,6 +29,13 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 
+#if defined(REF_KEY_WIDE)
+#include "ct_offload.h"
+#endif
+
+#if defined(REF_KEY_WIDE)
+typedef struct ct_flow_key ref_key_t;
+#else
 struct ref_key {
 	__be32 src;
 	__be32 dst;
@@ -27,6 +43,8 @@ struct ref_key {
 	__be16 dport;
 	__u32 proto;     /* u8 value, widened so the key has no padding */
 };
+typedef struct ref_key ref_key_t;
+#endif
 
 struct ref_val {
 	__u32 out_ifindex;
@@ -35,7 +53,7 @@ struct ref_val {
 	__u64 packets;
 };
 
-BPF_HASH(ref_flows, struct ref_key, struct ref_val, 1024);
+BPF_HASH(ref_flows, ref_key_t, struct ref_val, 1024);
 #ifdef REF_TX_PIN
 struct ref_tx_ports_table_t {
 	u32 key;
@@ -49,8 +67,8 @@ struct ref_tx_ports_table_t ref_tx_ports = { .max_entries = 256 };
 BPF_DEVMAP(ref_tx_ports, 256);  /* keyed by egress ifindex (< 256 here) */
 #endif
 
-/* Cursor contract: returns the L4 protocol with *l4 pointing past the IPv4
- * header, or -1 when the frame is not a well-formed IPv4 packet. */
+/* Cursor contract: returns the L4 protocol with *iph pointing at the IPv4
+ * header, or -1 when the frame is not a well-formed option-less IPv4 packet. */
 static __always_inline int ref_parse_v4(void *data, void *end, struct iphdr **iph)
 {
 	struct ethhdr *eth = data;
@@ -67,7 +85,7 @@ int ref_fwd(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
-	struct ref_key k = {};
+	ref_key_t k = {};
 	struct ref_val *v;
 	struct iphdr *iph;
 	__be16 *ports;
@@ -79,8 +97,15 @@ int ref_fwd(struct xdp_md *ctx)
 	ports = (void *)(iph + 1);
 	if ((void *)(ports + 2) > end)
 		return XDP_PASS;
+#if defined(REF_KEY_WIDE)
+	k.ifindex = ctx->ingress_ifindex;
+	k.family = CT_FAMILY_V4;
+	k.src[0] = iph->saddr;
+	k.dst[0] = iph->daddr;
+#else
 	k.src = iph->saddr;
 	k.dst = iph->daddr;
+#endif
 	k.sport = ports[0];
 	k.dport = ports[1];
 	k.proto = proto;
