@@ -36,7 +36,8 @@ Contract:
 
 Helpers for writing more scenarios: ``settle``, ``poll_until``,
 ``free_port``, ``conn_label``, ``reconfigured``, ``routed_to_router``.
-Register a new scenario in ``SCENARIOS`` so the runner picks it up: ``python3 -m ctxdp.lab.scenarios [--spec LAB.json]
+Register a new scenario in ``SCENARIOS`` so the runner picks it up (it also
+runs ``ctxdp.lab.scenarios_net.SCENARIOS``): ``python3 -m ctxdp.lab.scenarios [--spec LAB.json]
 [--family 4 6] [NAME ...]`` runs scenarios on a fresh ``NetnsLab``, or on
 the hosts a spec describes (``ctxdp.lab.hosts.lab_from_spec``; the VM lab),
 with ``QUICK_TIMEOUTS``, prints one JSON line per run and exits 0 only if
@@ -1068,14 +1069,22 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+def _registry() -> dict[str, Callable[..., dict[str, Any]]]:
+    """Every scenario the runner knows: these and ``ctxdp.lab.scenarios_net.SCENARIOS``."""
+    from ctxdp.lab.scenarios_net import SCENARIOS as NET  # it imports this module: load late
+
+    return {**SCENARIOS, **NET}
+
+
 def _run_all(lab: Lab, names: Sequence[str], families: Sequence[int]) -> int:
     lab.start_daemon(lab.config(timeouts=QUICK_TIMEOUTS))
+    registry = _registry()
     failed = 0
     for name in names:
         for fam in families:
             t0 = time.monotonic()
             try:
-                res: dict[str, Any] = {"ok": True, "result": SCENARIOS[name](lab, family=fam)}
+                res: dict[str, Any] = {"ok": True, "result": registry[name](lab, family=fam)}
             except AssertionError as exc:
                 failed += 1
                 res = {"ok": False, "error": str(exc)}
@@ -1087,14 +1096,15 @@ def _run_all(lab: Lab, names: Sequence[str], families: Sequence[int]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m ctxdp.lab.scenarios",
                                 description="Run lab scenarios against a running ctxdp.")
-    p.add_argument("names", nargs="*", metavar="NAME", help=f"default: all of {list(SCENARIOS)}")
+    known = _registry()
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"default: all of {list(known)}")
     p.add_argument("--family", type=int, nargs="+", choices=(4, 6), default=[4, 6])
     p.add_argument("--spec", help="JSON lab description (VMs); default: a fresh netns lab")
     a = p.parse_args(argv)
-    unknown = [n for n in a.names if n not in SCENARIOS]
+    unknown = [n for n in a.names if n not in known]
     if unknown:
-        p.error(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
-    names = a.names or list(SCENARIOS)
+        p.error(f"unknown scenario(s) {unknown}; known: {list(known)}")
+    names = a.names or list(known)
     if a.spec:
         from ctxdp.lab.hosts import lab_from_spec
 
