@@ -84,3 +84,14 @@ def test_spoofed_out_of_window_rst_leaves_the_connection_established(running_lab
     """A blind RST half the sequence space away leaves the offloaded connection ESTABLISHED."""
     r = net.spoofed_rst(running_lab, family=4)
     assert r["states_seen"][-1] == "ESTABLISHED"
+
+
+def test_the_scenario_runner_knows_the_network_scenarios(capsys) -> None:
+    """python3 -m ctxdp.lab.scenarios lists (and so can run) every network scenario."""
+    from ctxdp.lab import scenarios
+
+    with pytest.raises(SystemExit):
+        scenarios.main(["no_such_scenario"])
+    err = capsys.readouterr().err
+    for name in net.SCENARIOS:
+        assert name in err
