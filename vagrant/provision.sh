@@ -181,6 +181,10 @@ do_net() {
     if [ "$PERSIST" = 1 ]; then persist_name "$a" "$b"; fi
     sysctl -qw "net.ipv6.conf.$a.disable_ipv6=0" "net.ipv6.conf.$a.accept_ra=0" \
       "net.ipv6.conf.$a.autoconf=0" "net.ipv6.conf.$a.accept_dad=0"
+    # Up before the offload settings: veth (the CI's stand-in for the VMs'
+    # NICs) starts the NAPI instance that XDP_REDIRECT into it needs only
+    # when GRO is switched on while the device is up.
+    ip link set dev "$a" up
     if [ "$role" = router ]; then
       for f in generic-receive-offload large-receive-offload rx-gro-hw; do set_feature_off "$a" "$f"; done
       if [ "$(driver_of "$a")" = virtio_net ]; then virtio_queues "$a"; fi
@@ -188,7 +192,6 @@ do_net() {
       [ "$(feature "$a" generic-receive-offload)" = on ] || ethtool -K "$a" gro on >/dev/null
       set_feature_off "$a" tx-checksumming
     fi
-    ip link set dev "$a" up
     # Exactly the spec's addresses, so a changed lab.json leaves nothing
     # stale; untouched when already right (net runs on every `vagrant up`).
     if [ "$(global_addrs "$a")" != "$(printf '%s\n' "$c" "$d" | sort | tr '\n' ' ')" ]; then
