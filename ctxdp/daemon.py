@@ -153,7 +153,7 @@ class Daemon:
         self.started_at = clock()
         self._pps_mark = (self.started_at, 0)
         self.pps = 0.0
-        self._fast_seen: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
+        self._fast_seen: dict[Any, tuple[tuple[int, int], tuple[int, int]]] = {}
         self.xdp = None
         self.nl = self.ports = self.router = self.neigh = self.links = self.local = None
         self.control = None
@@ -525,7 +525,12 @@ class Daemon:
         self._pps_mark = (now, n)
 
     def _fold_fast_counters(self) -> None:
-        """Add what XDP forwarded since the last tick to each conn's counters."""
+        """Add what XDP forwarded since the last tick to each conn's counters.
+
+        Entry counters are cumulative per map entry; a rewrite of the entry
+        (neighbour MAC change, re-offload) restarts them at zero, so a count
+        lower than last time is taken as "counted since the reset".
+        """
         if self.xdp is None:
             return
         try:
@@ -533,16 +538,18 @@ class Daemon:
         except ProviderError as exc:
             log.warning("reading fast-path counters: %s", exc)
             return
-        seen: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
+        seen: dict[Any, tuple[tuple[int, int], tuple[int, int]]] = {}
         for ctx, pk, by in rows:
             conn = ctx.conn
-            key = id(ctx)
-            old = self._fast_seen.get(key, ((0, 0), (0, 0)))
+            old = self._fast_seen.get(ctx, ((0, 0), (0, 0)))
             for i in (0, 1):
-                if pk[i] >= old[0][i]:
+                if pk[i] >= old[0][i] and by[i] >= old[1][i]:
                     conn.pkts[i] += pk[i] - old[0][i]
                     conn.bytes[i] += by[i] - old[1][i]
-            seen[key] = (pk, by)
+                else:  # the entry was rewritten: its counters restarted
+                    conn.pkts[i] += pk[i]
+                    conn.bytes[i] += by[i]
+            seen[ctx] = (pk, by)
             ext = conn.ext if conn.ext is not None else {}
             ext["fast"] = (pk, by)
             conn.ext = ext
