@@ -667,6 +667,7 @@ def dnat_transfer(
     *,
     family: int = 4,
     public: str | None = None,
+    blackhole: bool = True,
     nbytes: int = 3_000_000,
     rate_mbps: float = 40.0,
     observe: Observer | None = None,
@@ -681,7 +682,8 @@ def dnat_transfer(
     so the router's stack never thinks the connection is its own. The DNAT
     rule matches that destination (``dst``) and the forwarded port F on the
     client's port and rewrites to the server's address and its real port S
-    != F. Asserts everything ``tcp_transfer`` does, plus: the server saw the
+    != F (``blackhole=False`` leaves out the router's blackhole route, to
+    show what it prevents). Asserts everything ``tcp_transfer`` does, plus: the server saw the
     client's own address (no SNAT), and conntrack's reply tuple comes from
     the server's real address and port.
     """
@@ -697,7 +699,7 @@ def dnat_transfer(
     seen: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         if public is not None:
-            stack.enter_context(routed_to_router(lab, pub, ("client",)))
+            stack.enter_context(routed_to_router(lab, pub, ("client",), blackhole))
         stack.enter_context(reconfigured(lab, nat=[rule]))
         r = tcp_transfer(lab, family=family, nbytes=nbytes, rate_mbps=rate_mbps, port=real,
                          connect_addr=pub, connect_port=fport,
