@@ -477,7 +477,7 @@ class Daemon:
                 self._reload = False
                 try:
                     self.reload()
-                except (ConfigError, OSError) as exc:
+                except (ConfigError, ControlError, OSError) as exc:
                     log.error("reload failed, keeping the old config: %s", exc)
             timeout = max(0.0, min(next_tick - self.clock(), 0.5))
             for key, _ in self._sel.select(timeout):
@@ -595,6 +595,17 @@ class Daemon:
         new = load_config(self.config_path)
         if new.port_names != self.cfg.port_names:
             log.warning("reload: port changes need a restart; keeping %s", self.cfg.port_names)
+        if (new.snat or new.dnat) and self.guard is None and self._saved_sysctl is not None:
+            # NAT added by a reload on a daemon that started without the
+            # guard (nft failed then, which NAT-less configs tolerate): the
+            # new NAT'd replies would draw RSTs from the router's stack.
+            try:
+                guard = KernelGuard(self.cfg.port_names)
+                guard.install()
+            except GuardError as exc:
+                raise ControlError(f"reload refused: NAT needs the kernel guard: {exc}") from exc
+            self.guard = guard
+            log.info("kernel guard installed on reload: NAT was added")
         now = self.clock()
         self.cfg = new
         if self.xdp is not None:

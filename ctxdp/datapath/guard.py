@@ -10,8 +10,9 @@ Contract:
 - The table drops, on packets entering through a ctxdp port (``iifname``):
   TCP and UDP segments addressed to the router itself for which the kernel
   has NO socket (no listener, no connection, no TIME_WAIT). It also drops
-  ICMP "protocol unreachable" / ICMPv6 "unrecognised next header" the kernel
-  sends out of a ctxdp port. Everything else is untouched: ARP, ND, ping to
+  every ICMP/ICMPv6 destination-unreachable and ICMPv6 "unrecognised next
+  header" the kernel itself sends out of a ctxdp port. The slow path's own
+  ICMP errors are sent through AF_PACKET and never cross this hook. Everything else is untouched: ARP, ND, ping to
   the router, and TCP/UDP to the router's own services and connections
   (SSH, DHCP, its own outgoing connections) still reach the kernel.
 - ``ruleset(ports)`` renders the script; port names that could break out of
@@ -46,7 +47,12 @@ same demultiplexer the kernel will use: "no socket" is precisely the case
 in which it would answer with a RST or port unreachable. Non-TCP/UDP
 protocols are left to the kernel (its own GRE, OSPF, VRRP, ICMP); for a NAT'd
 flow of such a protocol the only kernel answer is "protocol unreachable",
-which the output chain suppresses on ctxdp ports.
+which the output chain suppresses on ctxdp ports. IPv6 is less quiet than
+IPv4 about transit: with forwarding off the kernel still answers a packet to
+an address it has no route for with ICMPv6 "no route" (seen in the lab for
+a DNAT on a routed public address), so the output chain drops the kernel's
+destination-unreachable messages of both families on ctxdp ports: the
+forwarder, not the kernel, speaks for transit traffic there.
 
 Side effects an operator sees: a connection attempt to a closed TCP/UDP port
 of the router through a ctxdp port is silently dropped rather than refused.
@@ -113,7 +119,8 @@ table inet {table} {{
 \tchain output {{
 \t\ttype filter hook output priority filter - 10; policy accept;
 \t\toifname != {{ {ifs} }} accept
-\t\ticmp type destination-unreachable icmp code 2 counter drop comment "proto-unreach"
+\t\ticmp type destination-unreachable counter drop comment "unreach"
+\t\ticmpv6 type destination-unreachable counter drop comment "unreach6"
 \t\ticmpv6 type parameter-problem icmpv6 code 1 counter drop comment "proto-unreach6"
 \t}}
 }}

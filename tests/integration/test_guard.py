@@ -121,7 +121,7 @@ def test_install_replaces_a_stale_table_atomically_and_remove_is_idempotent() ->
     assert r["first"] == r["second"], "a second install must leave the same single table"
     assert r["installed"] is True
     assert r["counters"] == {"no-socket-tcp": 0, "no-socket-udp": 0,
-                             "proto-unreach": 0, "proto-unreach6": 0}
+                             "unreach": 0, "unreach6": 0, "proto-unreach6": 0}
     assert (r["removed"], r["removed_again"], r["installed_after"]) == (True, False, False)
 
 

@@ -91,11 +91,6 @@ def test_dnat_port_forward_on_a_routed_public_address(restored: Any, family: int
     assert r["fast_pkts"][0] >= 0.95 * r["min_segments"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "known gap: with no route for a NAT'd non-local IPv6 destination the router's stack "
-    "answers the client's SYN with ICMPv6 no-route (ip6_pkt_drop; forwarding off does not "
-    "stop it, unlike IPv4's ip_error) and connect() fails with ENETUNREACH; the kernel guard "
-    "does not suppress it, so the scenario needs a blackhole route on the router"))
 def test_ipv6_dnat_on_a_routed_address_without_a_router_route(restored: Any) -> None:
     """IPv6 port forward on a non-local address works even without a route for it on the router."""
     S.dnat_transfer(restored, family=6, public="routed", blackhole=False, nbytes=300_000,
