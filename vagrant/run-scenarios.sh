@@ -3,8 +3,10 @@
 #
 # Usage (from anywhere, on the machine that ran `vagrant up`):
 #   vagrant/run-scenarios.sh [NAME ...] [--family 4|6 ...]
-# Arguments go to `python3 -m ctxdp.lab.scenarios` (default: every scenario,
-# IPv4 and IPv6).
+# Arguments go to `python3 -m ctxdp.lab.scenarios`. Without a scenario name
+# it runs tcp_transfer and udp_offload_and_age (IPv4 and IPv6): the
+# client -> router -> server transfers; name others (snat_masquerade, ...,
+# see the runner's --help) to run them too.
 #
 # Contract:
 # - The scenarios are ctxdp.lab.scenarios, the SAME functions the netns
@@ -109,6 +111,11 @@ watcher=$!
 trap 'kill "$watcher" 2>/dev/null || true; rm -f "$ssh_cfg"' EXIT
 
 # --- the scenarios ------------------------------------------------------------
+has_name=0
+for a in "$@"; do
+  case "$a" in -*|[0-9]*) ;; *) has_name=1 ;; esac
+done
+[ "$has_name" = 1 ] || set -- tcp_transfer udp_offload_and_age "$@"
 rc=0
 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m ctxdp.lab.scenarios --spec "$spec" "$@" || rc=$?
 exit "$rc"
