@@ -34,8 +34,11 @@ PKGS=(python3-bpfcc python3-venv python3-pip iproute2 ethtool nftables conntrack
       libbpf1 iputils-ping procps kmod)
 [ "${ID}" = ubuntu ] && PKGS=("${PKGS[@]/libbpf1/libbpf0}")
 # The test extras also check the Vagrant lab files: ruby -c parses the
-# Vagrantfile, shellcheck lints the provisioning scripts.
-case ",$EXTRAS," in *,test,*) PKGS+=(ruby shellcheck);; esac
+# Vagrantfile, vagrant validate checks it, shellcheck lints the provisioning
+# scripts. vagrant comes without recommends: those pull libvirt and qemu
+# (~400 packages) that only a machine running the VMs needs.
+NORECS=()
+case ",$EXTRAS," in *,test,*) PKGS+=(ruby shellcheck); NORECS+=(vagrant vagrant-libvirt);; esac
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -49,6 +52,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt_update
   log "installing: ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+missing=()
+for p in "${NORECS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_update
+  log "installing (no recommends): ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # --- kernel headers for bcc ------------------------------------------------
