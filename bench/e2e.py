@@ -323,7 +323,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax.set_xticklabels(rate["cases"], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("Mpps")
         ax.set_title("forwarding rate (median)")
-        ax.legend(fontsize=8)
+        top = max((v for s in systems for v in med[s].values()), default=1.0)
+        ax.set_ylim(0, top * 1.35)
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
     lat = res.get("latency")
     ax = axes[0][1]
     if lat and lat.get("latencies_ms"):
