@@ -160,6 +160,7 @@ class Daemon:
         self.guard: Any = None
         self._saved_sysctl: dict[str, str] | None = None
         self._addr_fn = self._port_addr
+        self._port_addrs: dict[tuple[str, int], bytes | None] = {}
         self._proc: Any = None  # one psutil handle: cpu_percent measures between calls
 
     # -- lifecycle -----------------------------------------------------------
@@ -173,7 +174,13 @@ class Daemon:
 
     def _start(self) -> None:
         from ctxdp.datapath.neigh import NeighTable
-        from ctxdp.datapath.netlink import LinkWatcher, LocalAddrs, Netlink
+        from ctxdp.datapath.netlink import (
+            RTM_DELADDR,
+            RTM_NEWADDR,
+            LinkWatcher,
+            LocalAddrs,
+            Netlink,
+        )
         from ctxdp.datapath.ports import PortSet
         from ctxdp.datapath.routing import Router
 
@@ -185,6 +192,11 @@ class Daemon:
         self.nl = Netlink()
         self.links = LinkWatcher(self.nl)
         self.local = LocalAddrs(self.nl)
+        # Masquerade asks for a port's address on every NEW connection; cache
+        # it and forget it whenever the kernel's addresses change.
+        for msg_type in (RTM_NEWADDR, RTM_DELADDR):
+            self.nl.subscribe(msg_type, self._forget_port_addrs)
+        self.nl.on_resync(self._forget_port_addrs)
         self.ports = PortSet(list(cfg.port_names), local=self.local)
         self.ports.watch(self.links)
         providers = self._make_providers()
@@ -290,8 +302,21 @@ class Daemon:
             out.append(xdp)
         return out
 
+    def _forget_port_addrs(self, *_: Any) -> None:
+        self._port_addrs.clear()
+
     def _port_addr(self, ifname: str, family: int) -> bytes | None:
-        """Primary address of a port (masquerade source): the kernel's choice."""
+        """Primary address of a port (masquerade source), cached until the
+        next address event (a netlink dump costs ~0.4 ms per NEW connection)."""
+        key = (ifname, family)
+        if key in self._port_addrs:
+            return self._port_addrs[key]
+        addr = self._read_port_addr(ifname, family)
+        self._port_addrs[key] = addr
+        return addr
+
+    def _read_port_addr(self, ifname: str, family: int) -> bytes | None:
+        """Primary address of a port as the kernel lists it."""
         port = self.ports.by_name(ifname) if self.ports else None
         if port is None:
             return None
