@@ -360,7 +360,11 @@ def control(prov: XdpProvider, v: Veths, n_single: int, n_total: int, batch: int
     rate = install_batched(prov, ctxs, batch)
     out[f"install batched (batch_submit, {batch} ADD/batch)"] = (n_total, rate)
     st = prov.stats()
-    in_map = sum(n for _k, _v, n in bpfsys.map_lookup_batch(prov.flows_fd, 44, 96, chunk=65536))
+    in_map = sum(
+        n
+        for fam, fd in prov.flows_fds.items()
+        for _k, _v, n in bpfsys.map_lookup_batch(fd, L.key_size(fam), L.VAL_SIZE, chunk=65536)
+    )
     if st["conns"] != n_total or in_map != 2 * n_total:
         raise SystemExit(
             f"expected {n_total} offloaded: provider holds {st['conns']}, "

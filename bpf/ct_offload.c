@@ -13,19 +13,23 @@
  *        direction's entry if it is keyed on the egress port, with
  *        CT_F_TEARDOWN so userspace tears the connection down), TTL / hop
  *        limit <= 1, an IP datagram longer than the entry's egress MTU;
+ *  - it looks IPv4 up in ct_flows4 and IPv6 in ct_flows6;
  *  - on a MISS it passes the frame untouched (counter "miss");
  *  - on a HIT it reserves the egress (devmap redirect, or XDP_TX when the
  *    egress port is the ingress port) BEFORE touching the packet, so that a
  *    missing devmap port passes the frame unmodified (counter redirect_err);
  *    then it applies SNAT/DNAT with precomputed checksum deltas, rewrites
- *    both MACs, decrements TTL / hop limit, adds to the entry's packet/byte
- *    counters atomically, stamps last_used in the entry and in
- *    ct_last_used[slot], and returns XDP_REDIRECT / XDP_TX (counter "hit").
+ *    both MACs, decrements TTL / hop limit, adds to this CPU's counter slot
+ *    of the entry, stamps last_used in the entry and in ct_last_used[slot]
+ *    when the coarse clock moved since the entry's previous stamp, and
+ *    returns XDP_REDIRECT / XDP_TX (counter "hit").
  * Exactly one ct_stats counter is bumped per frame.
  *
  * Build knobs (bcc cflags):
  *   -I<dir of this file>        required: the local headers
- *   -DCT_MAX_CONNS=N            connections (ct_flows holds 2N entries)
+ *   -DCT_MAX_CONNS=N            connections (each flow map holds 2N entries)
+ *   -DCT_NR_CPUS=N -DCT_CNT_SLOTS=M   per-CPU counter slots (ct_offload.h;
+ *        userspace passes ctxdp.providers.xdp_layout.cflags())
  *   -DCT_PIN_DIR=\"/sys/fs/bpf/ctxdp\"   declare every map pinned there:
  *        bcc adopts a map already pinned at <dir>/<name>, else creates and
  *        pins it (bcc does not compare type or sizes: the loader must).
@@ -34,7 +38,11 @@
  *        DEVMAP_HASH, so the loader creates one (bpf(2) MAP_CREATE), pins it
  *        here, then compiles; without any pin, ct_tx_ports is a plain DEVMAP
  *        array of CT_TX_PORTS_MAX slots indexed by ifindex.
- *   -DCT_FLOWS_FLAGS=1          ct_flows map flags (1 = BPF_F_NO_PREALLOC)
+ *   -DCT_FLOWS4_FLAGS=F         ct_flows4 map flags (default 0: preallocated,
+ *        the fastest inserts, memory for 2N entries up front)
+ *   -DCT_FLOWS6_FLAGS=F         ct_flows6 map flags (default 1 =
+ *        BPF_F_NO_PREALLOC: an IPv4-mostly table does not pay for 2N IPv6
+ *        entries up front; lookups cost the same, inserts allocate)
  *   -DCT_TEST_HOOKS             tests only: record each decision in ct_debug
  */
 #include <uapi/linux/bpf.h>
@@ -43,8 +51,11 @@
 #include "parsing.h"
 #include "csum.h"
 
-#ifndef CT_FLOWS_FLAGS
-#define CT_FLOWS_FLAGS 0
+#ifndef CT_FLOWS4_FLAGS
+#define CT_FLOWS4_FLAGS 0
+#endif
+#ifndef CT_FLOWS6_FLAGS
+#define CT_FLOWS6_FLAGS BPF_F_NO_PREALLOC
 #endif
 #ifndef CT_TX_PORTS_MAX
 #define CT_TX_PORTS_MAX 65536
@@ -53,8 +64,10 @@
 /* --- maps (their names are the userspace API) --------------------------- */
 
 #ifdef CT_PIN_DIR
-BPF_TABLE_PINNED("hash", struct ct_flow_key, struct ct_flow_val, ct_flows,
-		 CT_MAX_FLOWS, CT_PIN_DIR "/ct_flows", CT_FLOWS_FLAGS);
+BPF_TABLE_PINNED("hash", struct ct_flow_key4, struct ct_flow_val, ct_flows4,
+		 CT_MAX_FLOWS, CT_PIN_DIR "/ct_flows4", CT_FLOWS4_FLAGS);
+BPF_TABLE_PINNED("hash", struct ct_flow_key, struct ct_flow_val, ct_flows6,
+		 CT_MAX_FLOWS, CT_PIN_DIR "/ct_flows6", CT_FLOWS6_FLAGS);
 BPF_TABLE_PINNED("array", u32, u64, ct_last_used, CT_MAX_CONNS,
 		 CT_PIN_DIR "/ct_last_used", BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("percpu_array", u32, u64, ct_stats, CT_STAT_MAX,
@@ -63,8 +76,10 @@ BPF_TABLE_PINNED("percpu_array", u32, u64, ct_stats, CT_STAT_MAX,
 #define CT_TX_PORTS_PIN CT_PIN_DIR "/ct_tx_ports"
 #endif
 #else
-BPF_F_TABLE("hash", struct ct_flow_key, struct ct_flow_val, ct_flows,
-	    CT_MAX_FLOWS, CT_FLOWS_FLAGS);
+BPF_F_TABLE("hash", struct ct_flow_key4, struct ct_flow_val, ct_flows4,
+	    CT_MAX_FLOWS, CT_FLOWS4_FLAGS);
+BPF_F_TABLE("hash", struct ct_flow_key, struct ct_flow_val, ct_flows6,
+	    CT_MAX_FLOWS, CT_FLOWS6_FLAGS);
 BPF_F_TABLE("array", u32, u64, ct_last_used, CT_MAX_CONNS, BPF_F_MMAPABLE);
 BPF_TABLE("percpu_array", u32, u64, ct_stats, CT_STAT_MAX);
 #endif
@@ -108,6 +123,7 @@ struct ct_pkt {
 	__u32 ip_len;    /* IP datagram length (header + payload) */
 	__u8  ttl;       /* TTL / hop limit */
 	__u8  tcp_flags; /* TCP flag byte, 0 otherwise */
+	__u8  proto;     /* L4 protocol */
 };
 
 #define CT_TCP_FIN 0x01
@@ -131,19 +147,21 @@ static __always_inline int is_v6_ext(__u8 nexthdr)
 	return 0;
 }
 
-/* L4 of either family: fill the key's ports and the TCP flags.
- * Returns CT_PARSED or the ct_stat to punt with. */
+/* L4 of either family: fill the key's ports (sport/dport point into the
+ * family's key) and the TCP flags. Returns CT_PARSED or the ct_stat to punt
+ * with. */
 static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, __u8 proto,
-				    __u32 l4_len, int v6, struct ct_flow_key *key,
+				    __u32 l4_len, int v6, __be16 *sport, __be16 *dport,
 				    struct ct_pkt *pkt)
 {
+	pkt->proto = proto;
 	if (proto == IPPROTO_TCP) {
 		struct tcphdr *th;
 
 		if (parse_tcphdr(nh, data_end, l4_len, &th) < 0)
 			return CT_STAT_PUNT_UNKNOWN;
-		key->sport = th->source;
-		key->dport = th->dest;
+		*sport = th->source;
+		*dport = th->dest;
 		pkt->tcp_flags = ((__u8 *)th)[13];
 		pkt->l4 = th;
 		return CT_PARSED;
@@ -155,8 +173,8 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, __u8 
 			return CT_STAT_PUNT_UNKNOWN;
 		if (v6 && !uh->check)	/* invalid on IPv6: not ours to fix */
 			return CT_STAT_PUNT_UNKNOWN;
-		key->sport = uh->source;
-		key->dport = uh->dest;
+		*sport = uh->source;
+		*dport = uh->dest;
 		pkt->l4 = uh;
 		return CT_PARSED;
 	}
@@ -167,8 +185,8 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, __u8 
 		if (v6 ? (type != ICMPV6_ECHO_REQUEST && type != ICMPV6_ECHO_REPLY)
 		       : (type != ICMP_ECHO && type != ICMP_ECHOREPLY))
 			return CT_STAT_PUNT_UNKNOWN;	/* includes type == -1 */
-		key->sport = ic->id;
-		key->dport = ic->id;
+		*sport = ic->id;
+		*dport = ic->id;
 		pkt->l4 = ic;
 		return CT_PARSED;
 	}
@@ -176,7 +194,7 @@ static __always_inline int parse_l4(struct hdr_cursor *nh, void *data_end, __u8 
 }
 
 static __always_inline int parse_v4(struct hdr_cursor *nh, void *data_end,
-				    struct ct_flow_key *key, struct ct_pkt *pkt)
+				    struct ct_flow_key4 *key, struct ct_pkt *pkt)
 {
 	struct iphdr *iph;
 	int proto = parse_iphdr(nh, data_end, &iph);
@@ -190,11 +208,11 @@ static __always_inline int parse_v4(struct hdr_cursor *nh, void *data_end,
 	pkt->l3 = iph;
 	pkt->ip_len = CT_NTOHS(iph->tot_len);
 	pkt->ttl = iph->ttl;
-	key->family = CT_FAMILY_V4;
 	key->proto = proto;
-	key->src[0] = iph->saddr;
-	key->dst[0] = iph->daddr;
-	return parse_l4(nh, data_end, proto, pkt->ip_len - sizeof(*iph), 0, key, pkt);
+	key->src = iph->saddr;
+	key->dst = iph->daddr;
+	return parse_l4(nh, data_end, proto, pkt->ip_len - sizeof(*iph), 0,
+			&key->sport, &key->dport, pkt);
 }
 
 static __always_inline int parse_v6(struct hdr_cursor *nh, void *data_end,
@@ -216,31 +234,39 @@ static __always_inline int parse_v6(struct hdr_cursor *nh, void *data_end,
 	key->proto = proto;
 	__builtin_memcpy(key->src, &ip6h->saddr, 16);
 	__builtin_memcpy(key->dst, &ip6h->daddr, 16);
-	return parse_l4(nh, data_end, proto, pkt->ip_len - sizeof(*ip6h), 1, key, pkt);
+	return parse_l4(nh, data_end, proto, pkt->ip_len - sizeof(*ip6h), 1,
+			&key->sport, &key->dport, pkt);
 }
 
-/* Best effort: flag the opposite direction's entry too. Its key is the
- * rewritten tuple reversed, arriving on our egress port (symmetric routing);
- * when that guess is wrong, userspace still tears both down from the one
- * flag. Only runs for FIN/RST, so the extra lookup is off the hot path. */
-static __always_inline void flag_reverse(struct ct_flow_key *key, struct ct_flow_val *v)
+/* FIN/RST: best effort, flag the opposite direction's entry too. Its key is
+ * the rewritten tuple (always complete in the value) reversed, arriving on
+ * our egress port (symmetric routing); when that guess is wrong, userspace
+ * still tears both down from the one flag. Only runs for FIN/RST, so the
+ * extra lookup is off the hot path. Clobbers *key. */
+static __always_inline void flag_reverse4(struct ct_flow_key4 *key, struct ct_flow_val *v)
 {
 	struct ct_flow_val *rv;
-	__be32 s[4], d[4];
-	__be16 sp = key->sport, dp = key->dport;
 
-	__builtin_memcpy(s, (v->flags & CT_F_SNAT) ? v->nat_src : key->src, 16);
-	__builtin_memcpy(d, (v->flags & CT_F_DNAT) ? v->nat_dst : key->dst, 16);
-	if (v->flags & CT_F_SNAT)
-		sp = v->nat_sport;
-	if (v->flags & CT_F_DNAT)
-		dp = v->nat_dport;
 	key->ifindex = v->out_ifindex;
-	__builtin_memcpy(key->src, d, 16);
-	__builtin_memcpy(key->dst, s, 16);
-	key->sport = dp;
-	key->dport = sp;
-	rv = ct_flows.lookup(key);
+	key->src = v->nat_dst[0];
+	key->dst = v->nat_src[0];
+	key->sport = v->nat_dport;
+	key->dport = v->nat_sport;
+	rv = ct_flows4.lookup(key);
+	if (rv)
+		rv->flags |= CT_F_TEARDOWN;
+}
+
+static __always_inline void flag_reverse6(struct ct_flow_key *key, struct ct_flow_val *v)
+{
+	struct ct_flow_val *rv;
+
+	key->ifindex = v->out_ifindex;
+	__builtin_memcpy(key->src, v->nat_dst, 16);
+	__builtin_memcpy(key->dst, v->nat_src, 16);
+	key->sport = v->nat_dport;
+	key->dport = v->nat_sport;
+	rv = ct_flows6.lookup(key);
 	if (rv)
 		rv->flags |= CT_F_TEARDOWN;
 }
@@ -248,7 +274,7 @@ static __always_inline void flag_reverse(struct ct_flow_key *key, struct ct_flow
 /* L4 NAT: ports / echo id, then the checksum by the precomputed delta.
  * The bound is re-checked per protocol: the verifier cannot tie the l4
  * pointer's checked length to the protocol byte kept on the stack. */
-static __always_inline void nat_l4(void *l4, void *data_end, __u8 proto, __u32 flags,
+static __always_inline void nat_l4(void *l4, void *data_end, __u8 proto,
 				   struct ct_flow_val *v)
 {
 	if (proto == IPPROTO_TCP) {
@@ -256,60 +282,52 @@ static __always_inline void nat_l4(void *l4, void *data_end, __u8 proto, __u32 f
 
 		if ((void *)(th + 1) > data_end)
 			return;
-		if (flags & CT_F_SNAT)
-			th->source = v->nat_sport;
-		if (flags & CT_F_DNAT)
-			th->dest = v->nat_dport;
+		th->source = v->nat_sport;
+		th->dest = v->nat_dport;
 		th->check = csum_apply(th->check, v->l4_csum_delta);
 	} else if (proto == IPPROTO_UDP) {
 		struct udphdr *uh = l4;
 
 		if ((void *)(uh + 1) > data_end)
 			return;
-		if (flags & CT_F_SNAT)
-			uh->source = v->nat_sport;
-		if (flags & CT_F_DNAT)
-			uh->dest = v->nat_dport;
+		uh->source = v->nat_sport;
+		uh->dest = v->nat_dport;
 		uh->check = csum_apply_udp(uh->check, v->l4_csum_delta);
 	} else {
 		struct ct_icmp_echo *ic = l4;
 
 		if ((void *)(ic + 1) > data_end)
 			return;
-		ic->id = (flags & CT_F_SNAT) ? v->nat_sport : v->nat_dport;
+		ic->id = v->nat_sport;
 		ic->checksum = csum_apply(ic->checksum, v->l4_csum_delta);
 	}
 }
 
-static __always_inline void rewrite_v4(struct ct_pkt *pkt, void *data_end, __u8 proto,
+static __always_inline void rewrite_v4(struct ct_pkt *pkt, void *data_end,
 				       struct ct_flow_val *v)
 {
 	struct iphdr *iph = pkt->l3;
-	__u32 flags = v->flags;
 
-	if (flags & CT_F_SNAT)
-		iph->saddr = v->nat_src[0];
-	if (flags & CT_F_DNAT)
-		iph->daddr = v->nat_dst[0];
 	iph->ttl--;
 	iph->check = csum_apply(iph->check, v->l3_csum_delta);
-	if (flags & (CT_F_SNAT | CT_F_DNAT))
-		nat_l4(pkt->l4, data_end, proto, flags, v);
+	if (v->flags & (CT_F_SNAT | CT_F_DNAT)) {
+		iph->saddr = v->nat_src[0];
+		iph->daddr = v->nat_dst[0];
+		nat_l4(pkt->l4, data_end, pkt->proto, v);
+	}
 }
 
-static __always_inline void rewrite_v6(struct ct_pkt *pkt, void *data_end, __u8 proto,
+static __always_inline void rewrite_v6(struct ct_pkt *pkt, void *data_end,
 				       struct ct_flow_val *v)
 {
 	struct ipv6hdr *ip6h = pkt->l3;
-	__u32 flags = v->flags;
 
-	if (flags & CT_F_SNAT)
-		__builtin_memcpy(&ip6h->saddr, v->nat_src, 16);
-	if (flags & CT_F_DNAT)
-		__builtin_memcpy(&ip6h->daddr, v->nat_dst, 16);
 	ip6h->hop_limit--;
-	if (flags & (CT_F_SNAT | CT_F_DNAT))
-		nat_l4(pkt->l4, data_end, proto, flags, v);
+	if (v->flags & (CT_F_SNAT | CT_F_DNAT)) {
+		__builtin_memcpy(&ip6h->saddr, v->nat_src, 16);
+		__builtin_memcpy(&ip6h->daddr, v->nat_dst, 16);
+		nat_l4(pkt->l4, data_end, pkt->proto, v);
+	}
 }
 
 /* struct ethhdr is packed, so memcpy into it goes byte by byte (24 loads and
@@ -329,6 +347,40 @@ static __always_inline void set_macs(struct ethhdr *eth, struct ct_flow_val *v)
 	d[5] = sm[2];
 }
 
+/* This CPU's counter slot: no other CPU writes it, so plain adds are exact
+ * (XDP runs with preemption off). CT_CNT_SHARED: CPUs share slots, so the
+ * adds are atomic. bpf_get_smp_processor_id is inlined by the verifier. */
+static __always_inline void count_hit(struct ct_flow_val *v, __u64 len)
+{
+	struct ct_flow_cnt *c = &v->cnt[bpf_get_smp_processor_id() & (CT_CNT_SLOTS - 1)];
+
+#ifdef CT_CNT_SHARED
+	__sync_fetch_and_add(&c->packets, 1);
+	__sync_fetch_and_add(&c->bytes, len);
+#else
+	c->packets += 1;
+	c->bytes += len;
+#endif
+}
+
+/* last_used in the entry and ct_last_used[slot]. The coarse clock moves once
+ * per tick, so a busy flow rewrites both (cache lines other CPUs read) only
+ * when it moved. The two directions share the slot; each writes it when its
+ * own stamp moves, so the slot holds the latest stamp of either. */
+static __always_inline void stamp(struct ct_flow_val *v)
+{
+	__u64 now = ct_ktime_coarse_ns(), *lu;
+	__u32 slot;
+
+	if (v->last_used == now)
+		return;
+	v->last_used = now;
+	slot = v->slot;
+	lu = ct_last_used.lookup(&slot);
+	if (lu)
+		*lu = now;
+}
+
 static __always_inline void ct_count(__u32 idx)
 {
 	u64 *c = ct_stats.lookup(&idx);
@@ -337,29 +389,24 @@ static __always_inline void ct_count(__u32 idx)
 		*c += 1;	/* per-CPU slot: no atomics needed */
 }
 
-/* Lookup, punt checks and forwarding of a parsed frame. Inlined once per
- * family with v6 a constant, so each copy only touches the header whose
- * bounds its own parser proved. */
-static __always_inline int ct_forward(struct xdp_md *ctx, void *data, void *data_end,
-				      struct ethhdr *eth, struct ct_flow_key *key,
-				      struct ct_pkt *pkt, const int v6, int *stat,
-				      __u32 *target)
+/* Everything after the lookup: miss, FIN/RST punt, the other punt checks
+ * and forwarding. Inlined once per family with v6 a constant, so each copy
+ * only touches the header whose bounds its own parser proved. The caller
+ * has already flagged the reverse entry of a FIN/RST (its key type is the
+ * family's). */
+static __always_inline int ct_found(struct xdp_md *ctx, void *data, void *data_end,
+				    struct ethhdr *eth, struct ct_pkt *pkt, struct ct_flow_val *v,
+				    const int v6, int *stat, __u32 *target)
 {
-	struct ct_flow_val *v;
-	__u32 out, slot;
-	__u64 now, *lu;
+	__u32 out;
 	int act;
 
-	key->ifindex = ctx->ingress_ifindex;
-	v = ct_flows.lookup(key);
 	if (!v) {
 		*stat = CT_STAT_MISS;
 		return XDP_PASS;
 	}
-
 	if (pkt->tcp_flags & (CT_TCP_FIN | CT_TCP_RST)) {
 		v->flags |= CT_F_TEARDOWN;
-		flag_reverse(key, v);
 		*stat = CT_STAT_PUNT_FIN_RST;
 		return XDP_PASS;
 	}
@@ -387,24 +434,54 @@ static __always_inline int ct_forward(struct xdp_md *ctx, void *data, void *data
 	}
 
 	if (v6)
-		rewrite_v6(pkt, data_end, key->proto, v);
+		rewrite_v6(pkt, data_end, v);
 	else
-		rewrite_v4(pkt, data_end, key->proto, v);
+		rewrite_v4(pkt, data_end, v);
 	set_macs(eth, v);
-
-	/* Several CPUs may forward the same flow: atomic adds keep it exact. */
-	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, (__u64)(data_end - data));
-	now = ct_ktime_coarse_ns();
-	v->last_used = now;
-	slot = v->slot;
-	lu = ct_last_used.lookup(&slot);
-	if (lu)
-		*lu = now;
+	count_hit(v, (__u64)(data_end - data));
+	stamp(v);
 
 	*stat = CT_STAT_HIT;
 	*target = out;
 	return act;
+}
+
+static __always_inline int ct_v4(struct xdp_md *ctx, struct hdr_cursor *nh, void *data,
+				 void *data_end, struct ethhdr *eth, int *stat, __u32 *target)
+{
+	struct ct_flow_key4 key = {};
+	struct ct_pkt pkt = {};
+	struct ct_flow_val *v;
+	int r = parse_v4(nh, data_end, &key, &pkt);
+
+	if (r != CT_PARSED) {
+		*stat = r;
+		return XDP_PASS;
+	}
+	key.ifindex = ctx->ingress_ifindex;
+	v = ct_flows4.lookup(&key);
+	if (v && (pkt.tcp_flags & (CT_TCP_FIN | CT_TCP_RST)))
+		flag_reverse4(&key, v);
+	return ct_found(ctx, data, data_end, eth, &pkt, v, 0, stat, target);
+}
+
+static __always_inline int ct_v6(struct xdp_md *ctx, struct hdr_cursor *nh, void *data,
+				 void *data_end, struct ethhdr *eth, int *stat, __u32 *target)
+{
+	struct ct_flow_key key = {};
+	struct ct_pkt pkt = {};
+	struct ct_flow_val *v;
+	int r = parse_v6(nh, data_end, &key, &pkt);
+
+	if (r != CT_PARSED) {
+		*stat = r;
+		return XDP_PASS;
+	}
+	key.ifindex = ctx->ingress_ifindex;
+	v = ct_flows6.lookup(&key);
+	if (v && (pkt.tcp_flags & (CT_TCP_FIN | CT_TCP_RST)))
+		flag_reverse6(&key, v);
+	return ct_found(ctx, data, data_end, eth, &pkt, v, 1, stat, target);
 }
 
 /* Everything but the final count; *stat says which counter to bump and
@@ -414,24 +491,15 @@ static __always_inline int ct_process(struct xdp_md *ctx, int *stat, __u32 *targ
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct hdr_cursor nh = { .pos = data };
-	struct ct_flow_key key = {};
-	struct ct_pkt pkt = {};
 	struct ethhdr *eth;
 	int r;
 
 	r = parse_ethhdr(&nh, data_end, &eth);
-	if (r == CT_HTONS(ETH_P_IP)) {
-		r = parse_v4(&nh, data_end, &key, &pkt);
-		if (r == CT_PARSED)
-			return ct_forward(ctx, data, data_end, eth, &key, &pkt, 0, stat, target);
-	} else if (r == CT_HTONS(ETH_P_IPV6)) {
-		r = parse_v6(&nh, data_end, &key, &pkt);
-		if (r == CT_PARSED)
-			return ct_forward(ctx, data, data_end, eth, &key, &pkt, 1, stat, target);
-	} else {
-		r = CT_STAT_PUNT_UNKNOWN;
-	}
-	*stat = r;
+	if (r == CT_HTONS(ETH_P_IP))
+		return ct_v4(ctx, &nh, data, data_end, eth, stat, target);
+	if (r == CT_HTONS(ETH_P_IPV6))
+		return ct_v6(ctx, &nh, data, data_end, eth, stat, target);
+	*stat = CT_STAT_PUNT_UNKNOWN;
 	return XDP_PASS;
 }
 

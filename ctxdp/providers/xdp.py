@@ -13,19 +13,25 @@ Contract (see ``ctxdp.providers.base`` for the hook semantics):
 - Modes: ``"native"`` (driver mode; failure is fatal), ``"generic"`` (skb
   mode, forced), ``"auto"`` (native, else generic with a logged warning).
   ``attached`` maps port name -> mode actually used.
+- Maps: IPv4 connections live in ``ct_flows4`` (20-byte keys), IPv6 ones in
+  ``ct_flows6`` (44-byte keys); see ``ctxdp.providers.xdp_layout``. Each holds
+  up to ``2 * max_conns`` entries. The program is compiled with
+  ``xdp_layout.cflags()`` (per-CPU counter slots sized for this machine).
 - Slots: every held connection owns one slot in ``[0, max_conns)``, shared by
   its two direction entries (``val.slot``) and indexing ``ct_last_used``.
   The key -> owner index guarantees that no two connections own one key.
 - ``conn_add``: EAGAIN unless both directions are resolved; EEXIST if another
   connection owns one of its keys; ENOSPC when no slot is free or the kernel
-  says the map is full (counted; a half-written pair is rolled back). Both
-  entries go to the kernel in ONE BPF_MAP_UPDATE_BATCH (two single updates on
-  kernels without it). Re-adding a held connection rewrites it in place
+  says the map is full (counted; a half-written pair is rolled back); EINVAL
+  when the two directions are of different families. Both entries go to the
+  kernel in ONE BPF_MAP_UPDATE_BATCH (two single updates on kernels without
+  it). Re-adding a held connection rewrites it in place
   (same slot, last-used kept). On any failure the connection is NOT held and
   no entry of it is left in the map.
 - ``batch_submit``: ops run in order; each run of consecutive ADDs is one
-  update-batch syscall, each run of DELs one delete-batch syscall; UPD reads
-  the mmap; EST is a no-op; POLICY rewrites; FLUSH flushes.
+  update-batch syscall per family (per chunk of ``PIPELINE_CHUNK`` when
+  long), each run of DELs one delete-batch syscall per family; UPD reads the
+  mmap; EST is a no-op; POLICY rewrites; FLUSH flushes.
 - Aging: ``conn_update`` / ``conn_update_many`` / UPD read ``ct_last_used``
   through a shared mmap (no syscall), ns of CLOCK_MONOTONIC -> seconds, the
   clock of ``time.monotonic()``; None if the fast path never hit the flow.
@@ -36,7 +42,7 @@ Contract (see ``ctxdp.providers.base`` for the hook semantics):
   netlink outlive the process) and the maps stay pinned, so traffic keeps
   flowing across a daemon restart. The next start with ``on_start="adopt"``
   reuses the pinned maps, atomically replaces the attached program and
-  rebuilds the slot allocator and key index from ``ct_flows``; adopted
+  rebuilds the slot allocator and key index from the flow maps; adopted
   entries are *orphans* until a ``conn_add`` with the same keys claims them
   (slot and last-used kept). ``reap_orphans()`` deletes the unclaimed ones.
   ``on_start="flush"`` starts from empty maps instead. Pinned maps whose
@@ -76,7 +82,10 @@ log = logging.getLogger(__name__)
 BPF_DIR = Path(os.environ.get("CTXDP_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
 
 _PRIV = "xdp"
-_KS, _VS = L.KEY_SIZE, L.VAL_SIZE
+_VS = L.VAL_SIZE
+#: Key size of each family's flow map; a key's length tells its family.
+_KS = {4: L.KEY4_SIZE, 6: L.KEY_SIZE}
+_FAM_OF_KS = {L.KEY4_SIZE: 4, L.KEY_SIZE: 6}
 # Flags of bpf_attach_xdp (include/uapi/linux/if_link.h XDP_FLAGS_*).
 _XDP_FLAGS_SKB_MODE = 1 << 1
 _XDP_FLAGS_DRV_MODE = 1 << 2
@@ -89,13 +98,12 @@ _V32 = _VS // 4
 _V64 = _VS // 8
 _FLAGS_I = L.VAL_OFF["flags"] // 4
 _SLOT_I = L.VAL_OFF["slot"] // 4
-_PKTS_Q = L.VAL_OFF["packets"] // 8
-_BYTES_Q = L.VAL_OFF["bytes"] // 8
-_LAST_Q = L.VAL_OFF["last_used"] // 8
+_CNT_Q = L.CNT_OFF // 8  # slot c: packets at _CNT_Q + 2c, bytes at _CNT_Q + 2c + 1
 
 
-#: A map key as the indexes hold it: the packed ct_flow_key bytes (hashing
-#: 44 bytes is several times cheaper than hashing an (ifindex, FlowTuple)).
+#: A map key as the indexes hold it: the packed key bytes of its family's map
+#: (hashing 20 or 44 bytes is several times cheaper than hashing an
+#: (ifindex, FlowTuple)); IPv4 and IPv6 keys differ in length, so never clash.
 Key = bytes
 _DUP = object()  # _prepare_special: the connection is already in this run
 
@@ -116,9 +124,25 @@ class _Held:
         self.gen = gen
 
 
+class _Pending:
+    """One family's share of an ADD run: ops in buffer order (op i owns keys
+    2i and 2i+1 and values chunk i), keys a rewrite or claim replaces (by
+    op index), and the writes under way (futures or failure lists)."""
+
+    __slots__ = ("fam", "written", "keys", "vals", "olds", "pushes")
+
+    def __init__(self, fam: int) -> None:
+        self.fam = fam
+        self.written: list[Op] = []
+        self.keys: list[Key] = []
+        self.vals: list[bytes] = []
+        self.olds: dict[int, tuple] = {}
+        self.pushes: list[Any] = []
+
+
 @dataclass(slots=True, frozen=True)
 class FlowRow:
-    """One ct_flows entry as ``flows()`` reports it (``dir``: 0 orig, 1 reply,
+    """One flow-map entry as ``flows()`` reports it (``dir``: 0 orig, 1 reply,
     -1 orphan)."""
 
     ifindex: int
@@ -195,7 +219,7 @@ class XdpProvider(Provider):
         self.init_error: ProviderError | None = None
         self._bpf: Any = None
         self._fn: Any = None
-        self._flows_fd = -1
+        self._flows: dict[int, int] = {}  # family -> flow map fd
         self._stats_fd = -1
         self._tx_fd = -1
         self._lu_mmap: Any = None
@@ -205,8 +229,6 @@ class XdpProvider(Provider):
         self._free = array.array("I")
         self._n_held = 0
         self._n_orphans = 0
-        self._kbuf = bytearray(_KS * 2)
-        self._vbuf = bytearray(_VS * 2)
         self._has_batch = True
         self._has_del_batch = True
         self._gen = 0
@@ -312,7 +334,8 @@ class XdpProvider(Provider):
         """name -> (map type, key size, value size, max_entries) this build needs."""
         t = bpfsys.MAP_TYPE
         return {
-            "ct_flows": (t["hash"], L.KEY_SIZE, L.VAL_SIZE, 2 * self.max_conns),
+            L.MAP_OF[4]: (t["hash"], L.KEY4_SIZE, L.VAL_SIZE, 2 * self.max_conns),
+            L.MAP_OF[6]: (t["hash"], L.KEY_SIZE, L.VAL_SIZE, 2 * self.max_conns),
             "ct_last_used": (t["array"], 4, 8, self.max_conns),
             "ct_stats": (t["percpu_array"], 4, 8, len(L.CT_STAT_NAMES)),
             "ct_tx_ports": (t["devmap_hash"], 4, 4, L.CT_MAX_PORTS),
@@ -325,15 +348,26 @@ class XdpProvider(Provider):
         checking its type or sizes, so a map pinned by a build with another
         CT_MAX_CONNS or layout would silently be used with the wrong bounds:
         such pins are dropped (all of them: the maps only make sense
-        together). ``flush`` drops every pin, so bcc creates fresh maps; an
+        together), and so is a directory holding a map this build does not
+        know (e.g. the single ``ct_flows`` of builds before the per-family
+        maps). ``flush`` drops every pin, so bcc creates fresh maps; an
         earlier program still attached keeps its own maps until replaced.
         bcc 0.26 cannot declare a DEVMAP_HASH, so ct_tx_ports is created
         here with bpf(2) and pinned for the program to adopt (ct_offload.c).
         """
         names = self._pinned()
+        expected = self._expected_maps()
         stale = self.on_start == "flush" and bool(names)
+        unknown = sorted(names - set(expected))
+        if unknown and not stale:
+            log.warning(
+                "xdp: %s pins %s this build does not use: starting from fresh maps",
+                self.pin_dir,
+                unknown,
+            )
+            stale = True
         if not stale:
-            for name, want in self._expected_maps().items():
+            for name, want in expected.items():
                 if name not in names:
                     continue
                 try:
@@ -364,7 +398,7 @@ class XdpProvider(Provider):
                     pass
         self._pins_before = self._pinned()
         if "ct_tx_ports" not in self._pins_before:
-            _t, ks, vs, n = self._expected_maps()["ct_tx_ports"]
+            _t, ks, vs, n = expected["ct_tx_ports"]
             try:
                 fd = bpfsys.map_create("devmap_hash", ks, vs, n, name="ct_tx_ports")
                 try:
@@ -396,6 +430,7 @@ class XdpProvider(Provider):
             f"-DCT_MAX_CONNS={self.max_conns}",
             f'-DCT_PIN_DIR="{self.pin_dir}"',
             f"-I{self.src.parent}",
+            *L.cflags(),  # per-CPU counter slots: the value size xdp_layout packs
             *self.cflags,
         ]
         try:
@@ -406,7 +441,7 @@ class XdpProvider(Provider):
 
     def _open_maps(self) -> None:
         b = self._bpf
-        self._flows_fd = b[b"ct_flows"].map_fd
+        self._flows = {fam: b[name.encode()].map_fd for fam, name in L.MAP_OF.items()}
         self._stats_fd = b[b"ct_stats"].map_fd
         self._tx_fd = b[b"ct_tx_ports"].map_fd
         lu_fd = b[b"ct_last_used"].map_fd
@@ -438,7 +473,8 @@ class XdpProvider(Provider):
             except Exception as exc:  # closing fds must not hide the real error
                 log.warning("xdp: bcc cleanup: %s", exc)
         self._bpf = self._fn = None
-        self._flows_fd = self._stats_fd = self._tx_fd = -1
+        self._flows = {}
+        self._stats_fd = self._tx_fd = -1
         for h in self._owner.values():
             if h.ctx is not None:
                 h.ctx.priv.pop(_PRIV, None)
@@ -523,26 +559,28 @@ class XdpProvider(Provider):
 
     # --- adopt / flush ---------------------------------------------------------
 
-    def _scan(self):
-        """Yield (keys, vals, n) chunks of the whole ct_flows map."""
-        return bpfsys.map_lookup_batch(self._flows_fd, _KS, _VS, chunk=8192)
+    def _scan(self, fam: int):
+        """Yield (keys, vals, n) chunks of the whole flow map of ``fam``."""
+        return bpfsys.map_lookup_batch(self._flows[fam], _KS[fam], _VS, chunk=8192)
 
     def _adopt(self) -> None:
         """Rebuild the slot allocator and key index from what is pinned."""
         by_slot: dict[int, list[Key]] = {}
         bad: list[Key] = []
-        for keys, vals, n in self._scan():
-            slots = memoryview(vals)[: n * _VS].cast("I")[_SLOT_I::_V32].tolist()
-            for i, s in enumerate(slots):
-                k = bytes(keys[i * _KS : (i + 1) * _KS])
-                if s >= self.max_conns:
-                    bad.append(k)
-                else:
-                    by_slot.setdefault(s, []).append(k)
+        for fam in self._flows:
+            ks = _KS[fam]
+            for keys, vals, n in self._scan(fam):
+                slots = memoryview(vals)[: n * _VS].cast("I")[_SLOT_I::_V32].tolist()
+                for i, s in enumerate(slots):
+                    k = bytes(keys[i * ks : (i + 1) * ks])
+                    if s >= self.max_conns:
+                        bad.append(k)
+                    else:
+                        by_slot.setdefault(s, []).append(k)
         used: set[int] = set()
         for s, ks in by_slot.items():
-            if len(ks) > 2:  # never written by us: not a connection's pair
-                bad.extend(ks)
+            if len(ks) > 2 or len({len(k) for k in ks}) > 1:
+                bad.extend(ks)  # never written by us: not one connection's pair
                 continue
             h = _Held(s, tuple(ks), None)
             for k in ks:
@@ -560,30 +598,39 @@ class XdpProvider(Provider):
             log.info("xdp: adopted %d offloaded connections from %s", self._n_orphans, self.pin_dir)
 
     def _flush_map(self) -> int:
-        """Delete every entry of ct_flows (ours or not); returns how many."""
-        chunks = [bytes(kb[: n * _KS]) for kb, _v, n in self._scan()]
-        return self._delete_raw(b"".join(chunks))
+        """Delete every entry of both flow maps (ours or not); returns how many."""
+        done = 0
+        for fam in self._flows:
+            ks = _KS[fam]
+            chunks = [bytes(kb[: n * ks]) for kb, _v, n in self._scan(fam)]
+            done += self._delete_raw(fam, b"".join(chunks))
+        return done
 
     def _delete(self, keys: list[Key]) -> int:
-        """Delete the entries of ``keys``; absent ones are skipped."""
-        return self._delete_raw(b"".join(keys)) if keys else 0
+        """Delete the entries of ``keys`` (either family); absent ones are skipped."""
+        if not keys:
+            return 0
+        k4 = [k for k in keys if len(k) == L.KEY4_SIZE]
+        if len(k4) == len(keys):
+            return self._delete_raw(4, b"".join(keys))
+        k6 = [k for k in keys if len(k) != L.KEY4_SIZE]
+        return self._delete_raw(4, b"".join(k4)) + self._delete_raw(6, b"".join(k6))
 
-    def _delete_raw(self, buf) -> int:
-        n = len(buf) // _KS
+    def _delete_raw(self, fam: int, buf) -> int:
+        ks, fd = _KS[fam], self._flows[fam]
+        n = len(buf) // ks
         if not n:
             return 0
         if self._has_del_batch:
             try:
-                return bpfsys.map_delete_batch(
-                    self._flows_fd, buf, n, key_size=_KS, ignore_missing=True
-                )
+                return bpfsys.map_delete_batch(fd, buf, n, key_size=ks, ignore_missing=True)
             except bpfsys.BatchError as exc:
                 if not _batch_unsupported(exc, n):
                     raise
                 self._has_del_batch = False
                 log.info("xdp: no BPF_MAP_DELETE_BATCH, using single deletes")
         mv = memoryview(buf)
-        return sum(bpfsys.map_delete(self._flows_fd, mv[i * _KS : (i + 1) * _KS]) for i in range(n))
+        return sum(bpfsys.map_delete(fd, mv[i * ks : (i + 1) * ks]) for i in range(n))
 
     def reap_orphans(self) -> int:
         """Delete adopted entries no conn_add claimed; returns connections reaped."""
@@ -725,7 +772,7 @@ class XdpProvider(Provider):
         return [v / 1e9 if v else None for v in ns]
 
     def flush(self) -> int:
-        """Delete every entry of ct_flows and forget every connection."""
+        """Delete every entry of both flow maps and forget every connection."""
         if self._bpf is None:
             return self._not_started()
         try:
@@ -796,34 +843,27 @@ class XdpProvider(Provider):
     PIPELINE_CHUNK = 8192
 
     def _add_run(self, run: list[Op]) -> None:
-        """Index, pack and write a run of ADDs (one update-batch per chunk).
+        """Index, pack and write a run of ADDs (one update-batch per family and
+        chunk).
 
         The common case (a new connection whose keys nobody owns) is inlined:
-        this loop is what the batched install rate rests on. Index changes are
-        made optimistically and undone for the connections the kernel
-        refused, so every op ends either fully installed or absent.
+        this loop is what the batched install rate rests on. Keys come out of
+        the packer as bytes, serve as index keys as they are, and are joined
+        into the kernel's buffer per chunk. Index changes are made
+        optimistically and undone for the connections the kernel refused, so
+        every op ends either fully installed or absent.
         """
         self._gen += 1
         gen = self._gen
-        need = 2 * len(run)
-        if len(self._kbuf) < need * _KS:
-            self._kbuf = bytearray(need * _KS)
-            self._vbuf = bytearray(need * _VS)
-        kbuf, vbuf = self._kbuf, self._vbuf
-        kmv = memoryview(kbuf)
         owner, free, lu, by_slot = self._owner, self._free, self._lu, self._by_slot
         setdefault = owner.setdefault
-        pack = L.pack_flowdir_into
+        entries = L.conn_entries
         special = self._prepare_special
         chunk = self.PIPELINE_CHUNK if len(run) >= 2 * self.PIPELINE_CHUNK else 0
-        pushes: list[Any] = []  # futures (pipelined) or failure lists
-        written: list[Op] = []  # buffer order: op i owns entries 2i and 2i+1
-        olds: dict[int, tuple] = {}  # written index -> keys a rewrite/claim replaces
+        p4, p6 = _Pending(4), _Pending(6)
         dups: list[tuple[Op, Op]] = []
         eagain = new = 0
-        ks2, vs2 = 2 * _KS, 2 * _VS
-        koff = voff = 0
-        EAGAIN, PRIV = errno.EAGAIN, _PRIV  # noqa: N806 - hoisted constants
+        EAGAIN, PRIV, KS4 = errno.EAGAIN, _PRIV, L.KEY4_SIZE  # noqa: N806 - hoisted constants
         for op in run:
             ctx = op.ctx
             d0, d1 = ctx.dirs  # type: ignore[union-attr]
@@ -840,18 +880,19 @@ class XdpProvider(Provider):
                 op.err = EAGAIN
                 eagain += 1
                 continue
-            # Pack first (with the slot a new connection would get): the key
-            # bytes are then sliced out of the buffer for the index.
+            # Pack first, with the slot a new connection would get.
             slot = free[-1] if free else 0
             try:
-                pack(kbuf, koff, vbuf, voff, d0, slot)
-                pack(kbuf, koff + _KS, vbuf, voff + _VS, d1, slot)
+                k0, k1, vals = entries(d0, d1, slot)
             except (struct.error, TypeError, ValueError, OverflowError):
                 op.err = errno.EINVAL  # a field the map cannot hold (bad MAC, MTU...)
                 self._c["add_errors"] += 1
                 continue
-            k0 = kmv[koff : koff + _KS].tobytes()
-            k1 = kmv[koff + _KS : koff + ks2].tobytes()
+            if len(k0) != len(k1):  # directions of two families: no map holds that
+                op.err = errno.EINVAL
+                self._c["add_errors"] += 1
+                continue
+            p = p4 if len(k0) == KS4 else p6
             held = ctx.priv.get(PRIV)  # type: ignore[union-attr]
             h = None
             if held is None and free:
@@ -882,57 +923,61 @@ class XdpProvider(Provider):
                 except OSError as exc:
                     r = _errno_of(exc)
                 if r is _DUP:
-                    dups.append((op, next(w for w in written if w.ctx is ctx)))
+                    dups.append((op, next(w for w in p.written if w.ctx is ctx)))
                     continue
                 if type(r) is int:
                     op.err = r
                     continue
                 h, old = r
                 if old:
-                    olds[len(written)] = old
+                    p.olds[len(p.written)] = old
                 if h.slot != slot:  # rewrite or claim: repack with the real slot
-                    pack(kbuf, koff, vbuf, voff, d0, h.slot)
-                    pack(kbuf, koff + _KS, vbuf, voff + _VS, d1, h.slot)
-            koff += ks2
-            voff += vs2
+                    k0, k1, vals = entries(d0, d1, h.slot)
             op.err = 0
-            written.append(op)
-            if chunk and len(written) % chunk == 0:
-                pushes.append(self._push_async(len(written) - chunk, len(written)))
+            p.written.append(op)
+            p.keys += (k0, k1)
+            p.vals.append(vals)
+            if chunk and len(p.written) % chunk == 0:
+                p.pushes.append(self._push_async(p, len(p.written) - chunk, len(p.written)))
         self._n_held += new
         self._c["adds"] += new
         self._c["eagain"] += eagain
-        if written:
-            pushed = (len(written) // chunk) * chunk if chunk else 0
-            if pushed < len(written):
-                pushes.append(self._push(pushed, len(written)))
-            failed = [f for p in pushes for f in (p if isinstance(p, list) else p.result())]
-            self._settle(written, olds, failed)
+        for p in (p4, p6):
+            if not p.written:
+                continue
+            n = len(p.written)
+            pushed = (n // chunk) * chunk if chunk else 0
+            if pushed < n:
+                p.pushes.append(self._push(p, pushed, n))
+            failed = [f for q in p.pushes for f in (q if isinstance(q, list) else q.result())]
+            self._settle(p.written, p.olds, failed)
         for op, f in dups:
             op.err = f.err
 
-    def _push_async(self, lo: int, hi: int):
+    def _push_async(self, p: _Pending, lo: int, hi: int):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctxdp-xdp")
-        return self._pool.submit(self._push, lo, hi)
+        return self._pool.submit(self._push, p, lo, hi)
 
-    def _push(self, lo: int, hi: int) -> list[tuple[int, int, bool]]:
-        """Write the entries of connections [lo, hi) of the packed buffers.
+    def _push(self, p: _Pending, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+        """Write the entries of connections [lo, hi) of ``p`` to its family's map.
 
         Returns the refused ones as (connection index, errno, entry 0 went
-        in). Touches only the kernel and the buffers' [lo, hi) range, so it
-        may run in the helper thread.
+        in). Touches only the kernel and ``p``'s [lo, hi) range (which the
+        caller no longer changes), so it may run in the helper thread.
         """
-        done, need = 2 * lo, 2 * hi
+        kbuf = b"".join(p.keys[2 * lo : 2 * hi])
+        vbuf = b"".join(p.vals[lo:hi])
+        done, need = 0, 2 * (hi - lo)  # entries of the joined buffers
         failed: list[tuple[int, int, bool]] = []
         while done < need:
             try:
-                done += self._update(self._kbuf, self._vbuf, need - done, done)
+                done += self._update(p.fam, kbuf, vbuf, need - done, done)
             except bpfsys.BatchError as exc:
                 done += exc.done
                 bad = done // 2
                 err = errno.ENOSPC if exc.errno in (errno.E2BIG, errno.ENOMEM) else exc.errno
-                failed.append((bad, err or errno.EIO, bool(done % 2)))
+                failed.append((lo + bad, err or errno.EIO, bool(done % 2)))
                 # Resume after the refused connection: rewrites of existing
                 # keys still succeed in a full map, and nothing else is lost.
                 done = 2 * (bad + 1)
@@ -940,7 +985,7 @@ class XdpProvider(Provider):
                 # Unknown state for the rest of the range: report every
                 # connection left as failed, with its keys to be deleted.
                 log.error("xdp: writing entries failed: %r", exc)
-                failed.extend((i, _errno_of(exc), True) for i in range(done // 2, hi))
+                failed.extend((i, _errno_of(exc), True) for i in range(lo + done // 2, hi))
                 break
         return failed
 
@@ -977,12 +1022,14 @@ class XdpProvider(Provider):
                 log.error("xdp: rollback of a half-written connection failed: %s", exc)
         self._forget(h)
 
-    def _update(self, kbuf: bytearray, vbuf: bytearray, count: int, start: int) -> int:
-        """Write ``count`` entries from index ``start``; BatchError on a partial write."""
+    def _update(self, fam: int, kbuf: bytes, vbuf: bytes, count: int, start: int) -> int:
+        """Write ``count`` entries from index ``start`` of the buffers to the
+        flow map of ``fam``; BatchError on a partial write."""
+        ks, fd = _KS[fam], self._flows[fam]
         if self._has_batch:
             try:
                 return bpfsys.map_update_batch(
-                    self._flows_fd, kbuf, vbuf, count, key_size=_KS, value_size=_VS, start=start
+                    fd, kbuf, vbuf, count, key_size=ks, value_size=_VS, start=start
                 )
             except bpfsys.BatchError as exc:
                 if not _batch_unsupported(exc, count):
@@ -993,9 +1040,7 @@ class XdpProvider(Provider):
         for i in range(count):
             e = start + i
             try:
-                bpfsys.map_update(
-                    self._flows_fd, mk[e * _KS : (e + 1) * _KS], mv[e * _VS : (e + 1) * _VS]
-                )
+                bpfsys.map_update(fd, mk[e * ks : (e + 1) * ks], mv[e * _VS : (e + 1) * _VS])
             except OSError as exc:
                 raise bpfsys.BatchError(exc.errno or errno.EIO, i, "MAP_UPDATE_ELEM") from None
         return count
@@ -1030,29 +1075,40 @@ class XdpProvider(Provider):
     # --- read-back -------------------------------------------------------------------
 
     def _scan_fields(self):
-        """Yield (keys, flags, slots, packets, bytes, n) per lookup-batch chunk."""
+        """Yield (keys, key size, flags, slots, packets, bytes, n) per
+        lookup-batch chunk of both flow maps; packets / bytes are summed over
+        the per-CPU counter slots."""
         try:
-            for keys, vals, n in self._scan():
-                mv = memoryview(vals)[: n * _VS]
-                w = mv.cast("I")
-                q = mv.cast("Q")
-                yield (
-                    keys,
-                    w[_FLAGS_I::_V32].tolist(),
-                    w[_SLOT_I::_V32].tolist(),
-                    q[_PKTS_Q::_V64].tolist(),
-                    q[_BYTES_Q::_V64].tolist(),
-                    n,
-                )
+            for fam in self._flows:
+                for keys, vals, n in self._scan(fam):
+                    mv = memoryview(vals)[: n * _VS]
+                    w = mv.cast("I")
+                    q = mv.cast("Q")
+                    pk = q[_CNT_Q::_V64].tolist()
+                    by = q[_CNT_Q + 1 :: _V64].tolist()
+                    for c in range(1, L.CNT_SLOTS):
+                        o = _CNT_Q + 2 * c
+                        pk = list(map(int.__add__, pk, q[o::_V64].tolist()))
+                        by = list(map(int.__add__, by, q[o + 1 :: _V64].tolist()))
+                    yield (
+                        keys,
+                        _KS[fam],
+                        w[_FLAGS_I::_V32].tolist(),
+                        w[_SLOT_I::_V32].tolist(),
+                        pk,
+                        by,
+                        n,
+                    )
         except OSError as exc:
-            raise ProviderError(_errno_of(exc), f"reading ct_flows: {exc}") from exc
+            raise ProviderError(_errno_of(exc), f"reading the flow maps: {exc}") from exc
 
-    def _holder_dir(self, keys, i: int, slot: int) -> tuple[_Held | None, int]:
-        """(holder, direction) of entry ``i`` of a scan chunk whose val.slot is ``slot``."""
+    def _holder_dir(self, keys, ks: int, i: int, slot: int) -> tuple[_Held | None, int]:
+        """(holder, direction) of entry ``i`` (keys of ``ks`` bytes) of a scan
+        chunk whose val.slot is ``slot``."""
         h = self._by_slot[slot] if slot < self.max_conns else None
         if h is None:
             return None, -1
-        k = bytes(keys[i * _KS : (i + 1) * _KS])
+        k = bytes(keys[i * ks : (i + 1) * ks])
         if k == h.keys[0]:
             return h, 0
         if len(h.keys) > 1 and k == h.keys[1]:
@@ -1066,11 +1122,11 @@ class XdpProvider(Provider):
             return []
         out: dict[int, OffloadCtx] = {}
         orphans: dict[int, _Held] = {}
-        for keys, flags, slots, _p, _b, _n in self._scan_fields():
+        for keys, ks, flags, slots, _p, _b, _n in self._scan_fields():
             for i, f in enumerate(flags):
                 if not f & L.CT_F_TEARDOWN:
                     continue
-                h, _d = self._holder_dir(keys, i, slots[i])
+                h, _d = self._holder_dir(keys, ks, i, slots[i])
                 if h is None:
                     continue
                 if h.ctx is None:
@@ -1088,13 +1144,13 @@ class XdpProvider(Provider):
 
     def counters(self) -> list[tuple[OffloadCtx, tuple[int, int], tuple[int, int]]]:
         """Per held connection: (ctx, (orig, reply) packets, (orig, reply) bytes)
-        forwarded by the fast path, from one lookup-batch walk of ct_flows."""
+        forwarded by the fast path, from one lookup-batch walk of the flow maps."""
         if self._bpf is None:
             return []
         acc: dict[int, list[Any]] = {}
-        for keys, _f, slots, pk, by, n in self._scan_fields():
+        for keys, ks, _f, slots, pk, by, n in self._scan_fields():
             for i in range(n):
-                h, d = self._holder_dir(keys, i, slots[i])
+                h, d = self._holder_dir(keys, ks, i, slots[i])
                 if h is None or h.ctx is None:
                     continue
                 row = acc.get(id(h))
@@ -1105,22 +1161,24 @@ class XdpProvider(Provider):
         return [(c, (p[0], p[1]), (b[0], b[1])) for c, p, b in acc.values()]
 
     def flows(self) -> list[FlowRow]:
-        """Every ct_flows entry decoded (for ``ctxdp flows``)."""
+        """Every entry of both flow maps decoded (for ``ctxdp flows``)."""
         if self._bpf is None:
             return []
         rows: list[FlowRow] = []
         try:
-            for keys, vals, n in self._scan():
-                for i in range(n):
-                    k = bytes(keys[i * _KS : (i + 1) * _KS])
-                    ifindex, t = L.unpack_key(k)
-                    v = L.unpack_val(vals, i * _VS)
-                    h = self._owner.get(k)
-                    ctx = h.ctx if h is not None else None
-                    d = -1 if h is None or ctx is None else h.keys.index(k)
-                    rows.append(FlowRow(ifindex, t, v, ctx, d))
+            for fam in self._flows:
+                ks = _KS[fam]
+                for keys, vals, n in self._scan(fam):
+                    for i in range(n):
+                        k = bytes(keys[i * ks : (i + 1) * ks])
+                        ifindex, t = L.unpack_flow_key(k)
+                        v = L.unpack_val(vals, i * _VS)
+                        h = self._owner.get(k)
+                        ctx = h.ctx if h is not None else None
+                        d = -1 if h is None or ctx is None else h.keys.index(k)
+                        rows.append(FlowRow(ifindex, t, v, ctx, d))
         except OSError as exc:
-            raise ProviderError(_errno_of(exc), f"reading ct_flows: {exc}") from exc
+            raise ProviderError(_errno_of(exc), f"reading the flow maps: {exc}") from exc
         return rows
 
     def last_used_ns(self, ctx: OffloadCtx) -> int:
@@ -1164,7 +1222,13 @@ class XdpProvider(Provider):
 
     @property
     def flows_fd(self) -> int:
-        return self._flows_fd
+        """fd of ct_flows4 (the IPv4 flow map), -1 if not started."""
+        return self._flows.get(4, -1)
+
+    @property
+    def flows_fds(self) -> dict[int, int]:
+        """family (4, 6) -> fd of its flow map; empty if not started."""
+        return dict(self._flows)
 
     @property
     def table(self) -> Any:

@@ -1,10 +1,24 @@
-"""Python mirror of bpf/ct_offload.h: map key/value packing and checksum deltas.
+"""Python mirror of bpf/ct_offload.h: map keys/values, packing and checksum deltas.
 
 Contract:
-- ``KEY`` (44 bytes) and ``VAL`` (96 bytes) are ``struct.Struct`` objects with
-  exactly the C layout; tests/bpf/test_layout.py checks every field offset
-  against the ctypes types bcc derives from the header. Change the header and
-  this module together.
+- Two flow maps, one per family (``MAP_OF``): ``ct_flows4`` keyed by
+  ``KEY4`` (struct ct_flow_key4, 20 bytes) and ``ct_flows6`` keyed by ``KEY``
+  (struct ct_flow_key, 44 bytes, family-generic). ``flow_key(ifindex, t)`` is
+  the key the XDP program looks tuple ``t`` up with in ``MAP_OF[t.family]``;
+  ``unpack_flow_key`` reverses it whatever its family (by length).
+  ``pack_key`` / ``pack_key_into`` / ``unpack_key`` always use the 44-byte
+  generic ``KEY`` (for IPv4 that is NOT what ct_flows4 holds).
+- ``VAL`` (struct ct_flow_val) is ``80 + 16 * CNT_SLOTS`` bytes: the counters
+  are per-CPU slots inside the value, and their number depends on this
+  machine's possible CPUs, read once at import from sysfs (``NR_CPUS``,
+  ``CNT_SLOTS``). Every build of the program must get ``cflags()`` so that the
+  C struct has the same size; tests/bpf/test_layout.py checks every field
+  offset against the ctypes types bcc derives from the header. Change the
+  header and this module together.
+- Values hold the whole tuple a packet leaves with: ``nat_src`` /
+  ``nat_dst`` / ``nat_sport`` / ``nat_dport`` equal the key's fields where no
+  NAT applies (the program writes them without a branch per field). ICMP
+  echo: the identifier leaves as ``nat_sport`` == ``nat_dport``.
 - Host-order fields use the native byte order. The ``__be16`` ports are
   stored in the struct as the native ``H`` whose memory bytes are network
   order (``htons``); the helpers here do that swap, so callers pass plain
@@ -20,12 +34,14 @@ Contract:
   pseudo-header addresses and the ports (TCP/UDP), the echo identifier
   (ICMPv4: no pseudo-header) or the pseudo-header addresses plus the echo
   identifier (ICMPv6). A zero IPv4 UDP checksum is left alone by the program.
-- Pure: no bcc, no syscalls. Per-entry helpers are written for batch installs
-  of ~1M entries/s (no per-entry objects beyond the ints struct needs).
+- Pure apart from that one sysfs read: no bcc, no syscalls. ``conn_entries``
+  is the batch-install fast path (both directions of a connection in one
+  call, a few struct calls, no intermediate objects).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from typing import NamedTuple
@@ -34,6 +50,9 @@ from ctxdp.conntrack.flowtuple import FlowTuple
 from ctxdp.providers.base import FlowDir
 
 __all__ = [
+    "CNT_OFF",
+    "CNT_SLOTS",
+    "CNT_SLOT_CAP",
     "CT_F_DNAT",
     "CT_F_SNAT",
     "CT_F_TEARDOWN",
@@ -42,24 +61,35 @@ __all__ = [
     "CT_STAT_NAMES",
     "FlowVal",
     "KEY",
+    "KEY4",
+    "KEY4_SIZE",
     "KEY_SIZE",
     "LAST_USED_STRIDE",
+    "MAP_OF",
+    "NR_CPUS",
     "STAT",
     "VAL",
     "VAL_OFF",
     "VAL_SIZE",
+    "cflags",
+    "cnt_slots",
+    "conn_entries",
     "csum_fold",
+    "flow_key",
     "flowdir_entry",
     "flowdir_flags",
-    "pack_flowdir_into",
     "htons",
+    "key_size",
     "l3_delta",
     "l4_delta",
     "ntohs",
     "pack_key",
+    "pack_key4",
     "pack_key_into",
     "pack_val_into",
+    "unpack_flow_key",
     "unpack_key",
+    "unpack_key4",
     "unpack_val",
 ]
 
@@ -91,18 +121,64 @@ IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
 
+#: family -> the flow map the program looks that family up in.
+MAP_OF = {4: "ct_flows4", 6: "ct_flows6"}
+
+# --- per-CPU counter slots ---------------------------------------------------
+
+#: At most this many counter slots per value: beyond it CPUs share slots (with
+#: atomic adds in the program), so memory per entry stays bounded.
+CNT_SLOT_CAP = 16
+
+
+def _nr_cpus() -> int:
+    """The kernel's nr_cpu_ids: highest possible CPU id + 1 (what
+    bpf_get_smp_processor_id() can return is below it)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            spec = f.read().strip()
+        return max(int(part.rpartition("-")[2]) for part in spec.split(",")) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+def cnt_slots(nr_cpus: int, cap: int = CNT_SLOT_CAP) -> int:
+    """Counter slots for ``nr_cpus`` CPUs: the power of two >= min(nr_cpus, cap)."""
+    n = 1
+    while n < min(nr_cpus, cap):
+        n <<= 1
+    return n
+
+
+NR_CPUS = _nr_cpus()
+CNT_SLOTS = cnt_slots(NR_CPUS)
+
+
+def cflags() -> list[str]:
+    """The -D flags every build of ct_offload.c needs to match ``VAL``."""
+    return [f"-DCT_NR_CPUS={NR_CPUS}", f"-DCT_CNT_SLOTS={CNT_SLOTS}"]
+
+
+# --- structs -------------------------------------------------------------------
+
+# struct ct_flow_key4: ifindex, src, dst, sport(be), dport(be), proto, pad[3]
+KEY4 = struct.Struct("=I4s4sHHB3x")
+KEY4_SIZE = KEY4.size  # 20
+
 # struct ct_flow_key: ifindex, family, proto, pad, sport(be), dport(be), src, dst
 KEY = struct.Struct("=IBBHHH16s16s")
 KEY_SIZE = KEY.size  # 44
+_KEY6 = struct.Struct("=IBB2xHH16s16s")  # KEY without the pad argument
 
 # struct ct_flow_val: flags, out_ifindex, smac, dmac, mtu, pad0, nat_src,
 # nat_dst, nat_sport(be), nat_dport(be), l3_csum_delta, l4_csum_delta, slot,
-# packets, bytes, last_used
-VAL = struct.Struct("=II6s6sHH16s16sHHIIIQQQ")
-VAL_SIZE = VAL.size  # 96
+# last_used, then CNT_SLOTS x (packets, bytes)
+VAL = struct.Struct(f"=II6s6sHH16s16sHHIIIQ{2 * CNT_SLOTS}Q")
+VAL_SIZE = VAL.size  # 80 + 16 * CNT_SLOTS
 
 #: Byte offset of every ct_flow_val field (for reading single fields out of
-#: batch-lookup buffers without unpacking whole values).
+#: batch-lookup buffers without unpacking whole values). ``cnt`` is the first
+#: slot's packets; slot i's packets / bytes are at cnt + 16 i / cnt + 16 i + 8.
 VAL_OFF = {
     "flags": 0,
     "out_ifindex": 4,
@@ -117,15 +193,28 @@ VAL_OFF = {
     "l3_csum_delta": 60,
     "l4_csum_delta": 64,
     "slot": 68,
-    "packets": 72,
-    "bytes": 80,
-    "last_used": 88,
+    "last_used": 72,
+    "cnt": 80,
 }
+CNT_OFF = VAL_OFF["cnt"]
+
+# The configuration part of a value, with last_used and the counters as
+# zero-filled pad bytes (struct zero-fills them): what installs write. _VAL2
+# is two of them back to back, both values of a connection in one call.
+_VAL_BODY = f"II6s6sH2x16s16sHHIII8x{16 * CNT_SLOTS}x"
+_VAL_NEW = struct.Struct("=" + _VAL_BODY)
+_VAL2 = struct.Struct("=" + _VAL_BODY * 2)
+assert _VAL_NEW.size == VAL_SIZE
 
 #: ct_last_used is an array of u64: slot i is at byte i * LAST_USED_STRIDE.
 LAST_USED_STRIDE = 8
 
 _LITTLE = sys.byteorder == "little"
+
+
+def key_size(family: int) -> int:
+    """Key size of the flow map of ``family``."""
+    return KEY4_SIZE if family == 4 else KEY_SIZE
 
 
 def htons(port: int) -> int:
@@ -199,30 +288,52 @@ def l4_delta(
 # --- keys --------------------------------------------------------------------
 
 
+def pack_key4(ifindex: int, t: FlowTuple) -> bytes:
+    """The ct_flow_key4 (ct_flows4) of IPv4 tuple ``t`` arriving on ``ifindex``."""
+    return KEY4.pack(ifindex, t.src, t.dst, htons(t.sport), htons(t.dport), t.proto)
+
+
 def pack_key_into(buf, off: int, ifindex: int, t: FlowTuple) -> None:
-    """Write the ct_flow_key of tuple ``t`` arriving on ``ifindex`` at ``buf[off:]``."""
+    """Write the generic 44-byte ct_flow_key of ``t`` at ``buf[off:]``."""
     KEY.pack_into(
         buf, off, ifindex, t.family, t.proto, 0, htons(t.sport), htons(t.dport), t.src, t.dst
     )
 
 
 def pack_key(ifindex: int, t: FlowTuple) -> bytes:
-    """The ct_flow_key of tuple ``t`` arriving on ``ifindex``."""
+    """The generic 44-byte ct_flow_key of ``t`` (ct_flows6's key for IPv6)."""
     return KEY.pack(ifindex, t.family, t.proto, 0, htons(t.sport), htons(t.dport), t.src, t.dst)
 
 
+def flow_key(ifindex: int, t: FlowTuple) -> bytes:
+    """The key the program looks ``t`` up with, in ``MAP_OF[t.family]``."""
+    return pack_key4(ifindex, t) if t.family == 4 else pack_key(ifindex, t)
+
+
+def unpack_key4(buf, off: int = 0) -> tuple[int, FlowTuple]:
+    """(ifindex, FlowTuple) of a packed ct_flow_key4."""
+    ifindex, src, dst, sp, dp, proto = KEY4.unpack_from(buf, off)
+    return ifindex, FlowTuple(4, proto, src, dst, ntohs(sp), ntohs(dp))
+
+
 def unpack_key(buf, off: int = 0) -> tuple[int, FlowTuple]:
-    """(ifindex, FlowTuple) of a packed key."""
+    """(ifindex, FlowTuple) of a packed generic ct_flow_key."""
     ifindex, fam, proto, _pad, sp, dp, src, dst = KEY.unpack_from(buf, off)
     alen = 4 if fam == 4 else 16
     return ifindex, FlowTuple(fam, proto, src[:alen], dst[:alen], ntohs(sp), ntohs(dp))
+
+
+def unpack_flow_key(key: bytes) -> tuple[int, FlowTuple]:
+    """(ifindex, FlowTuple) of a key of either flow map (told apart by length)."""
+    return unpack_key4(key) if len(key) == KEY4_SIZE else unpack_key(key)
 
 
 # --- values ------------------------------------------------------------------
 
 
 class FlowVal(NamedTuple):
-    """A decoded ct_flow_val (ports in host order, addresses 16 bytes)."""
+    """A decoded ct_flow_val (ports in host order, addresses 16 bytes,
+    counters summed over the per-CPU slots)."""
 
     flags: int
     out_ifindex: int
@@ -263,11 +374,12 @@ def pack_val_into(
     """Write a ct_flow_val at ``buf[off:]``, computing both checksum deltas.
 
     ``match`` is the tuple the entry's key matches (the packet before the
-    rewrite). Only the rewrites the flags ask for enter the deltas: without
-    CT_F_SNAT the source address/port stay as in ``match`` whatever
-    ``nat_src``/``nat_sport`` hold, and likewise for CT_F_DNAT. For ICMP echo
-    the identifier becomes ``nat_sport`` under CT_F_SNAT, else ``nat_dport``
-    under CT_F_DNAT (the program does the same).
+    rewrite). Only the rewrites the flags ask for happen: without CT_F_SNAT
+    the source address/port stay as in ``match`` whatever ``nat_src`` /
+    ``nat_sport`` hold (and the value stores ``match``'s), likewise for
+    CT_F_DNAT. For ICMP echo the identifier becomes ``nat_sport`` under
+    CT_F_SNAT, else ``nat_dport`` under CT_F_DNAT. ``packets`` / ``nbytes``
+    go to counter slot 0.
     """
     src, dst, sport, dport = match.src, match.dst, match.sport, match.dport
     new_src = nat_src if flags & CT_F_SNAT else src
@@ -291,6 +403,8 @@ def pack_val_into(
         )
     else:
         l4 = 0
+    counters = [0] * (2 * CNT_SLOTS)
+    counters[0], counters[1] = packets, nbytes
     VAL.pack_into(
         buf,
         off,
@@ -300,55 +414,38 @@ def pack_val_into(
         dmac,
         mtu,
         0,
-        nat_src,
-        nat_dst,
-        htons(nat_sport),
-        htons(nat_dport),
+        new_src,
+        new_dst,
+        htons(new_sport),
+        htons(new_dport),
         l3,
         l4,
         slot,
-        packets,
-        nbytes,
         last_used,
+        *counters,
     )
 
 
 def unpack_val(buf, off: int = 0) -> FlowVal:
-    """Decode the ct_flow_val at ``buf[off:]``."""
-    (
-        flags,
-        out_ifindex,
-        smac,
-        dmac,
-        mtu,
-        _pad0,
-        nat_src,
-        nat_dst,
-        nsp,
-        ndp,
-        l3,
-        l4,
-        slot,
-        packets,
-        nbytes,
-        last_used,
-    ) = VAL.unpack_from(buf, off)
+    """Decode the ct_flow_val at ``buf[off:]`` (counters summed over slots)."""
+    f = VAL.unpack_from(buf, off)
+    cnt = f[14:]
     return FlowVal(
-        flags,
-        out_ifindex,
-        smac,
-        dmac,
-        mtu,
-        nat_src,
-        nat_dst,
-        ntohs(nsp),
-        ntohs(ndp),
-        l3,
-        l4,
-        slot,
-        packets,
-        nbytes,
-        last_used,
+        f[0],  # flags
+        f[1],  # out_ifindex
+        f[2],  # smac
+        f[3],  # dmac
+        f[4],  # mtu (f[5] is pad0)
+        f[6],  # nat_src
+        f[7],  # nat_dst
+        ntohs(f[8]),
+        ntohs(f[9]),
+        f[10],  # l3_csum_delta
+        f[11],  # l4_csum_delta
+        f[12],  # slot
+        sum(cnt[0::2]),
+        sum(cnt[1::2]),
+        f[13],  # last_used
     )
 
 
@@ -376,87 +473,72 @@ def flowdir_flags(d: FlowDir) -> int:
 _ICMPS = (IPPROTO_ICMP, IPPROTO_ICMPV6)
 # htons as a table lookup: an index is cheaper than a call in the batch loop.
 _SWAP = tuple(htons(p) for p in range(65536))
-_KEY_PACK_INTO = KEY.pack_into
-_VAL_PACK_INTO = VAL.pack_into
 
 
-def pack_flowdir_into(
-    kbuf,
-    koff: int,
-    vbuf,
-    voff: int,
-    d: FlowDir,
+def conn_entries(
+    d0: FlowDir,
+    d1: FlowDir,
     slot: int,
     *,
     _fb=int.from_bytes,  # bound as locals: this runs a million times a second
     _o=_ORDER,
     _sw=_SWAP,
-    _kp=_KEY_PACK_INTO,
-    _vp=_VAL_PACK_INTO,
-) -> int:
-    """Pack one direction's key at ``kbuf[koff:]`` and value at ``vbuf[voff:]``.
+    _k4=KEY4.pack,
+    _k6=_KEY6.pack,
+    _v2=_VAL2.pack,
+    _icmps=_ICMPS,
+) -> tuple[bytes, bytes, bytes]:
+    """(key 0, key 1, both values) of a connection's two directions.
 
-    The batch-install fast path: flags and both checksum deltas computed
-    inline (same results as ``flowdir_flags`` + ``pack_val_into``), no
-    intermediate objects. ``d`` must be resolved. Returns the flags.
+    The batch-install fast path: keys for ``MAP_OF[family]`` (20 or 44
+    bytes), the two ct_flow_vals back to back (``2 * VAL_SIZE`` bytes),
+    flags and both checksum deltas computed inline (same results as
+    ``flowdir_flags`` + ``pack_val_into``), last_used and the counters zero.
+    Both directions must be resolved and of one family.
     """
-    fam, proto, msrc, mdst, msp, mdp = d.match
-    _f, _p, osrc, odst, osp, odp = d.out
-    hmsp, hmdp, hosp, hodp = _sw[msp], _sw[mdp], _sw[osp], _sw[odp]
-    _kp(kbuf, koff, d.in_ifindex, fam, proto, 0, hmsp, hmdp, msrc, mdst)
-    # Address part of both deltas (0 when nothing moves).
-    a = 0
-    if msrc != osrc:
-        a = _fb(osrc, _o) - _fb(msrc, _o)
-    if mdst != odst:
-        a += _fb(odst, _o) - _fb(mdst, _o)
-    l3 = (a + _TTL_DEC) % 0xFFFF if fam == 4 else 0
-    if proto in _ICMPS:
-        flags = (CT_F_SNAT if msrc != osrc else 0) | (CT_F_DNAT if mdst != odst else 0)
-        if msp != osp:
-            flags = flags or CT_F_SNAT
-            pd = hosp - hmsp
+    args: list = []
+    keys: list[bytes] = []
+    for d in (d0, d1):
+        fam, proto, msrc, mdst, msp, mdp = d.match
+        _f, _p, osrc, odst, osp, odp = d.out
+        hmsp, hmdp, hosp, hodp = _sw[msp], _sw[mdp], _sw[osp], _sw[odp]
+        if fam == 4:
+            keys.append(_k4(d.in_ifindex, msrc, mdst, hmsp, hmdp, proto))
         else:
-            pd = 0
-        l4 = (pd if proto == IPPROTO_ICMP else a + pd) % 0xFFFF
-    else:
-        flags = (CT_F_SNAT if msrc != osrc or msp != osp else 0) | (
-            CT_F_DNAT if mdst != odst or mdp != odp else 0
-        )
-        l4 = (a + hosp - hmsp + hodp - hmdp) % 0xFFFF if flags else 0
-    _vp(
-        vbuf,
-        voff,
-        flags,
-        d.out_ifindex,
-        d.src_mac,
-        d.dst_mac,
-        d.mtu,
-        0,
-        osrc,
-        odst,
-        hosp,
-        hodp,
-        l3,
-        l4,
-        slot,
-        0,
-        0,
-        0,
-    )
-    return flags
+            keys.append(_k6(d.in_ifindex, fam, proto, hmsp, hmdp, msrc, mdst))
+        # Address part of both deltas (0 when nothing moves).
+        a = 0
+        if msrc != osrc:
+            a = _fb(osrc, _o) - _fb(msrc, _o)
+        if mdst != odst:
+            a += _fb(odst, _o) - _fb(mdst, _o)
+        l3 = (a + _TTL_DEC) % 0xFFFF if fam == 4 else 0
+        if proto in _icmps:
+            flags = (CT_F_SNAT if msrc != osrc else 0) | (CT_F_DNAT if mdst != odst else 0)
+            if msp != osp:
+                flags = flags or CT_F_SNAT
+                pd = hosp - hmsp
+            else:
+                pd = 0
+            l4 = (pd if proto == IPPROTO_ICMP else a + pd) % 0xFFFF
+        else:
+            flags = (CT_F_SNAT if msrc != osrc or msp != osp else 0) | (
+                CT_F_DNAT if mdst != odst or mdp != odp else 0
+            )
+            l4 = (a + hosp - hmsp + hodp - hmdp) % 0xFFFF if flags else 0
+        args += (flags, d.out_ifindex, d.src_mac, d.dst_mac, d.mtu, osrc, odst, hosp, hodp)
+        args += (l3, l4, slot)
+    return keys[0], keys[1], _v2(*args)
 
 
 def flowdir_entry(d: FlowDir, slot: int) -> tuple[bytes, bytes]:
     """(key, value) bytes for one direction of an offloaded connection.
 
-    The key is ``d.match`` on ``d.in_ifindex``; the value rewrites to
+    The key is ``flow_key(d.in_ifindex, d.match)``; the value rewrites to
     ``d.out``, sets the MACs (``d`` must be resolved), egress port and MTU,
     and points at ``slot`` in ct_last_used. Counters start at zero.
     """
     if d.src_mac is None or d.dst_mac is None:
         raise ValueError("flow direction has no resolved next hop")
-    key = bytearray(KEY_SIZE)
-    val = bytearray(VAL_SIZE)
-    pack_flowdir_into(key, 0, val, 0, d, slot)
-    return bytes(key), bytes(val)
+    key, _k, vals = conn_entries(d, d, slot)
+    return key, vals[:VAL_SIZE]

@@ -7,11 +7,13 @@ Contract:
   a namespace of their own, so live frames never leave what the test made.
   No addresses are configured. Everything is deleted at session end.
 - ``ct_prog``: bpf/ct_offload.c compiled ONCE per session (1-2 s) with
-  -DCT_TEST_HOOKS, a small CT_MAX_CONNS and ct_tx_ports adopted from a
-  DEVMAP_HASH this fixture creates and pins (the production arrangement).
+  -DCT_TEST_HOOKS, a small CT_MAX_CONNS, the counter-slot flags of
+  ``xdp_layout.cflags()`` and ct_tx_ports adopted from a DEVMAP_HASH this
+  fixture creates and pins (the production arrangement).
   Teardown: bcc cleanup, unlink the pin, close fds.
 - ``ct``: per test, the program with every map emptied first, plus helpers
-  to install entries and run frames.
+  to install entries (into ct_flows4 or ct_flows6, told by the key's length)
+  and run frames.
 All names carry a uuid tag: other engineers run tests concurrently.
 """
 
@@ -85,7 +87,7 @@ class CtProg:
 
     bpf: object
     prog_fd: int
-    flows_fd: int
+    flows_fds: dict[int, int]  # key size -> ct_flows4 / ct_flows6 fd
     last_used_fd: int
     stats_fd: int
     tx_fd: int
@@ -112,6 +114,7 @@ def ct_prog(ports):
                 f"-DCT_MAX_CONNS={TEST_MAX_CONNS}",
                 f'-DCT_TX_PORTS_PIN="{tx_pin}"',
                 "-DCT_TEST_HOOKS",
+                *L.cflags(),
             ],
         )
         fn = b.load_func(b"ct_offload_xdp", bcc.BPF.XDP)
@@ -119,7 +122,7 @@ def ct_prog(ports):
         prog = CtProg(
             b,
             fn.fd,
-            b[b"ct_flows"].map_fd,
+            {L.KEY4_SIZE: b[b"ct_flows4"].map_fd, L.KEY_SIZE: b[b"ct_flows6"].map_fd},
             b[b"ct_last_used"].map_fd,
             b[b"ct_stats"].map_fd,
             b[b"ct_tx_ports"].map_fd,
@@ -149,13 +152,14 @@ class Ct:
 
     # -- state ---------------------------------------------------------------
     def reset(self) -> None:
-        keys = [
-            k
-            for ks, _v, n in bpfsys.map_lookup_batch(self.p.flows_fd, 44, 96)
-            for k in (bytes(ks[i * 44 : (i + 1) * 44]) for i in range(n))
-        ]
-        for k in keys:
-            bpfsys.map_delete(self.p.flows_fd, k)
+        for size, fd in self.p.flows_fds.items():
+            keys = [
+                k
+                for ks, _v, n in bpfsys.map_lookup_batch(fd, size, L.VAL_SIZE)
+                for k in (bytes(ks[i * size : (i + 1) * size]) for i in range(n))
+            ]
+            for k in keys:
+                bpfsys.map_delete(fd, k)
         zero_pc = bytes(8 * self.p.ncpus)
         for i in range(L.CT_STAT_MAX):
             bpfsys.map_update(self.p.stats_fd, struct.pack("=I", i), zero_pc)
@@ -170,10 +174,10 @@ class Ct:
         bpfsys.map_update(self.p.tx_fd, struct.pack("=I", ifindex), struct.pack("=I", ifindex))
 
     def install(self, key: bytes, val: bytes) -> None:
-        bpfsys.map_update(self.p.flows_fd, key, val)
+        bpfsys.map_update(self.p.flows_fds[len(key)], key, val)
 
     def entry(self, key: bytes) -> L.FlowVal | None:
-        raw = bpfsys.map_lookup(self.p.flows_fd, key, 96)
+        raw = bpfsys.map_lookup(self.p.flows_fds[len(key)], key, L.VAL_SIZE)
         return None if raw is None else L.unpack_val(raw)
 
     def stats(self) -> dict[str, int]:

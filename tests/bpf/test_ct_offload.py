@@ -212,6 +212,62 @@ def test_counters_accumulate(ct):
     assert only(ct.stats(), "hit", 5)
 
 
+def test_counters_exact_when_cpus_hit_at_once(ct):
+    """Hits run at the same time on two CPUs all count: each CPU adds to its own
+    counter slot of the entry, and the slots sum to every packet and byte."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    key, _, _ = install(ct, 4, "udp", "none")
+    pkt = input_frame(4, "udp", ttl=255)
+    calls, repeat = 40, 200  # TTL 255 outlives 200 non-live repeats
+    ctx = bpfsys.xdp_md(ct.ports.a_idx, len(pkt))
+    errors: list[BaseException] = []
+
+    def hammer(cpu: int) -> None:
+        try:
+            os.sched_setaffinity(0, {cpu})  # this thread only: BPF_PROG_RUN runs here
+            for _ in range(calls):
+                assert bpfsys.prog_test_run(ct.p.prog_fd, pkt, repeat=repeat, ctx=ctx).retval == (
+                    XDP_REDIRECT
+                )
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    import threading  # noqa: PLC0415
+
+    threads = [threading.Thread(target=hammer, args=(c,)) for c in cpus[:2]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    n = 2 * calls * repeat
+    v = ct.entry(key)
+    assert (v.packets, v.bytes) == (n, n * len(pkt))
+    raw = L.VAL.unpack(bpfsys.map_lookup(ct.p.flows_fds[len(key)], key, L.VAL_SIZE))
+    per_slot = raw[14::2]  # packets of every counter slot
+    assert sum(per_slot) == n
+    if L.CNT_SLOTS >= 2 and L.NR_CPUS <= L.CNT_SLOTS:
+        assert sorted(per_slot[c & (L.CNT_SLOTS - 1)] for c in cpus[:2]) == [n // 2, n // 2]
+    assert only(ct.stats(), "hit", n)
+
+
+def test_ipv4_is_looked_up_in_ct_flows4_only(ct):
+    """An IPv4 entry under the 44-byte generic key in ct_flows6 is never matched:
+    IPv4 frames are looked up with the 20-byte key in ct_flows4."""
+    m, o, _ = tuples(4, "udp", "snat")
+    d = FlowDir(ct.ports.a_idx, m, o, ct.ports.b_idx, mac(ROUTER_OUT_MAC), mac(NEXTHOP_MAC))
+    key4, val = L.flowdir_entry(d, SLOT)
+    assert len(key4) == L.KEY4_SIZE
+    ct.install(L.pack_key(ct.ports.a_idx, m), val)  # 44 bytes: lands in ct_flows6
+    pkt = input_frame(4, "udp")
+    assert ct.run(pkt).retval == XDP_PASS
+    assert only(ct.stats(), "miss")
+    ct.install(key4, val)
+    assert ct.run(pkt).retval == XDP_REDIRECT
+
+
 @pytest.mark.parametrize("fam", [4, 6])
 def test_udp_zero_checksum(ct, fam):
     """IPv4 UDP with checksum 0 stays 0 under NAT; IPv6 UDP with checksum 0 is punted."""
@@ -663,14 +719,14 @@ def test_pinned_build_is_adopted_by_the_next_load():
     same maps with their contents."""
     bcc = require_bcc()
     pin_dir = f"/sys/fs/bpf/ctxdp_test_{os.urandom(4).hex()}"
-    names = ("ct_flows", "ct_last_used", "ct_stats", "ct_tx_ports")
+    names = ("ct_flows4", "ct_flows6", "ct_last_used", "ct_stats", "ct_tx_ports")
     os.mkdir(pin_dir)
     tx_fd = None
     loaded = []
     try:
         tx_fd = bpfsys.map_create("devmap_hash", 4, 4, L.CT_MAX_PORTS, name="ct_tx_ports")
         bpfsys.obj_pin(tx_fd, f"{pin_dir}/ct_tx_ports")
-        cflags = [f"-I{BPF_DIR}", "-DCT_MAX_CONNS=512", f'-DCT_PIN_DIR="{pin_dir}"']
+        cflags = [f"-I{BPF_DIR}", "-DCT_MAX_CONNS=512", f'-DCT_PIN_DIR="{pin_dir}"', *L.cflags()]
 
         def load():
             b = bcc.BPF(src_file=str(BPF_DIR / "ct_offload.c").encode(), cflags=cflags)
@@ -680,11 +736,12 @@ def test_pinned_build_is_adopted_by_the_next_load():
 
         b1, info1 = load()
         assert sorted(os.listdir(pin_dir)) == sorted(names)
-        assert (info1["ct_flows"].type, info1["ct_flows"].max_entries) == (
-            bpfsys.MAP_TYPE["hash"],
-            1024,
-        )
-        assert (info1["ct_flows"].key_size, info1["ct_flows"].value_size) == (44, 96)
+        for name, key_size in (("ct_flows4", 20), ("ct_flows6", 44)):
+            i = info1[name]
+            assert (i.type, i.max_entries) == (bpfsys.MAP_TYPE["hash"], 1024)
+            assert (i.key_size, i.value_size) == (key_size, L.VAL_SIZE)
+        assert not info1["ct_flows4"].flags & bpfsys.BPF_F_NO_PREALLOC
+        assert info1["ct_flows6"].flags & bpfsys.BPF_F_NO_PREALLOC
         assert info1["ct_last_used"].type == bpfsys.MAP_TYPE["array"]
         assert info1["ct_last_used"].flags & bpfsys.BPF_F_MMAPABLE
         assert info1["ct_last_used"].max_entries == 512
@@ -693,13 +750,14 @@ def test_pinned_build_is_adopted_by_the_next_load():
         assert info1["ct_tx_ports"].id == bpfsys.map_info(tx_fd).id
         m = FlowTuple(4, 6, b"\x0a\0\0\x01", b"\x0a\0\0\x02", 1, 2)
         key, val = L.flowdir_entry(FlowDir(1, m, m, 2, b"\1" * 6, b"\2" * 6), 5)
-        bpfsys.map_update(b1[b"ct_flows"].map_fd, key, val)
+        assert len(key) == L.KEY4_SIZE
+        bpfsys.map_update(b1[b"ct_flows4"].map_fd, key, val)
         b1.cleanup()
         loaded.remove(b1)
 
         b2, info2 = load()
         assert {n: i.id for n, i in info2.items()} == {n: i.id for n, i in info1.items()}
-        assert bpfsys.map_lookup(b2[b"ct_flows"].map_fd, key, 96) == val
+        assert bpfsys.map_lookup(b2[b"ct_flows4"].map_fd, key, L.VAL_SIZE) == val
     finally:
         for b in loaded:
             b.cleanup()

@@ -21,16 +21,20 @@ BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 PROBE = r"""
 #include "ct_offload.h"
 BPF_HASH(layout_probe, struct ct_flow_key, struct ct_flow_val, 4);
+BPF_HASH(layout_probe4, struct ct_flow_key4, struct ct_flow_val, 4);
 """
 
 # Field names of the C structs in declaration order, with the Python format
-# item each one corresponds to in KEY / VAL.
+# item each one corresponds to in KEY4 / KEY / VAL. VAL's last C field is the
+# counter array, which the Python format spells as 2 * CNT_SLOTS u64 items.
+KEY4_FIELDS = ["ifindex", "src", "dst", "sport", "dport", "proto", "pad"]
 KEY_FIELDS = ["ifindex", "family", "proto", "pad", "sport", "dport", "src", "dst"]
 VAL_FIELDS = list(L.VAL_OFF)
 
 
 def _struct_offsets(s: struct.Struct) -> list[tuple[int, int]]:
-    """(offset, size) of every item of a no-padding struct format."""
+    """(offset, size) of every item of a struct format without implicit
+    padding (``Ns`` and ``Nx`` are one item of N bytes)."""
     out, off = [], 0
     fmt = s.format.lstrip("=<>!@")
     i = 0
@@ -41,7 +45,7 @@ def _struct_offsets(s: struct.Struct) -> list[tuple[int, int]]:
         n = int(fmt[i:j]) if j > i else 1
         code = fmt[j]
         size = struct.calcsize("=" + code)
-        if code == "s":
+        if code in "sx":
             out.append((off, n))
             off += n
         else:
@@ -54,34 +58,42 @@ def _struct_offsets(s: struct.Struct) -> list[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def bcc_types():
-    """Key / Leaf ctypes types bcc derives from the header (compiled once)."""
+    """(key4, key, leaf) ctypes types bcc derives from the header, compiled once
+    with the counter-slot flags every build of the program gets."""
     bcc = require_bcc()
-    b = bcc.BPF(text=PROBE.encode(), cflags=[f"-I{BPF_DIR}"])
+    b = bcc.BPF(text=PROBE.encode(), cflags=[f"-I{BPF_DIR}", *L.cflags()])
     try:
-        t = b[b"layout_probe"]
-        yield t.Key, t.Leaf
+        t, t4 = b[b"layout_probe"], b[b"layout_probe4"]
+        yield t4.Key, t.Key, t.Leaf
     finally:
         b.cleanup()
 
 
 @pytest.mark.privileged
 def test_sizes_match_bcc(bcc_types):
-    """KEY is 44 bytes and VAL 96 bytes, as bcc sizes the C structs."""
-    key_t, leaf_t = bcc_types
+    """KEY4 is 20 bytes, KEY 44 and VAL 80 + 16 per counter slot, as bcc sizes them."""
+    key4_t, key_t, leaf_t = bcc_types
+    assert ctypes.sizeof(key4_t) == L.KEY4.size == L.KEY4_SIZE == 20
     assert ctypes.sizeof(key_t) == L.KEY.size == L.KEY_SIZE == 44
-    assert ctypes.sizeof(leaf_t) == L.VAL.size == L.VAL_SIZE == 96
+    assert ctypes.sizeof(leaf_t) == L.VAL.size == L.VAL_SIZE == 80 + 16 * L.CNT_SLOTS
 
 
 @pytest.mark.privileged
-@pytest.mark.parametrize("which", ["key", "val"])
+@pytest.mark.parametrize("which", ["key4", "key", "val"])
 def test_every_field_offset_matches_bcc(bcc_types, which):
     """Every C field has the offset and size of the matching Python struct item."""
-    key_t, leaf_t = bcc_types
-    ctype, pys, names = (
-        (key_t, L.KEY, KEY_FIELDS) if which == "key" else (leaf_t, L.VAL, VAL_FIELDS)
-    )
+    key4_t, key_t, leaf_t = bcc_types
+    ctype, pys, names = {
+        "key4": (key4_t, L.KEY4, KEY4_FIELDS),
+        "key": (key_t, L.KEY, KEY_FIELDS),
+        "val": (leaf_t, L.VAL, VAL_FIELDS),
+    }[which]
     assert [f[0] for f in ctype._fields_] == names
     items = _struct_offsets(pys)
+    if which == "val":  # cnt[CNT_SLOTS]: 2 * CNT_SLOTS u64 items in Python
+        cnt = items[len(names) - 1 :]
+        assert cnt == [(L.CNT_OFF + 8 * i, 8) for i in range(2 * L.CNT_SLOTS)]
+        items = items[: len(names) - 1] + [(L.CNT_OFF, 16 * L.CNT_SLOTS)]
     assert len(items) == len(names)
     for name, (off, size) in zip(names, items, strict=True):
         field = getattr(ctype, name)
@@ -90,10 +102,20 @@ def test_every_field_offset_matches_bcc(bcc_types, which):
         assert {n: getattr(ctype, n).offset for n in names} == L.VAL_OFF
 
 
+def test_counter_slots_cover_every_cpu_or_cap():
+    """Counter slots are a power of two covering every CPU id (plain adds), or the
+    cap (CPUs share slots, and the build makes the adds atomic)."""
+    assert L.cnt_slots(1) == 1 and L.cnt_slots(2) == 2 and L.cnt_slots(3) == 4
+    assert L.cnt_slots(16) == 16 and L.cnt_slots(17) == 16 and L.cnt_slots(512) == 16
+    assert L.CNT_SLOTS == L.cnt_slots(L.NR_CPUS)
+    assert f"-DCT_CNT_SLOTS={L.CNT_SLOTS}" in L.cflags()
+    assert f"-DCT_NR_CPUS={L.NR_CPUS}" in L.cflags()
+
+
 @pytest.mark.privileged
 def test_packed_key_reads_back_through_bcc(bcc_types):
-    """A key packed in Python decodes field by field through bcc's ctypes type."""
-    key_t, _ = bcc_types
+    """Keys packed in Python decode field by field through bcc's ctypes types."""
+    key4_t, key_t, _ = bcc_types
     t = FlowTuple(4, 6, bytes([10, 0, 0, 1]), bytes([192, 168, 1, 2]), 40000, 443)
     k = key_t.from_buffer_copy(L.pack_key(7, t))
     assert (k.ifindex, k.family, k.proto, k.pad) == (7, 4, 6, 0)
@@ -102,10 +124,16 @@ def test_packed_key_reads_back_through_bcc(bcc_types):
     # __be16: the memory bytes are network order
     assert struct.pack("=H", k.sport) == (40000).to_bytes(2, "big")
     assert struct.pack("=H", k.dport) == (443).to_bytes(2, "big")
+    k4 = key4_t.from_buffer_copy(L.flow_key(7, t))
+    assert (k4.ifindex, k4.proto, bytes(k4.pad)) == (7, 6, bytes(3))
+    assert struct.pack("=I", k4.src) == t.src and struct.pack("=I", k4.dst) == t.dst
+    assert struct.pack("=H", k4.sport) == (40000).to_bytes(2, "big")
+    assert struct.pack("=H", k4.dport) == (443).to_bytes(2, "big")
 
 
 def test_key_roundtrip():
-    """unpack_key inverts pack_key / pack_key_into for IPv4 and IPv6."""
+    """unpack_key inverts pack_key / pack_key_into, unpack_flow_key inverts
+    flow_key (20 bytes for IPv4, the generic 44 for IPv6)."""
     for t in (
         FlowTuple(4, 17, b"\x01\x02\x03\x04", b"\x05\x06\x07\x08", 1, 65535),
         FlowTuple(6, 58, bytes(range(16)), bytes(range(16, 32)), 77, 77),
@@ -114,19 +142,25 @@ def test_key_roundtrip():
         L.pack_key_into(buf, 50, 3, t)
         assert bytes(buf[50:94]) == L.pack_key(3, t)
         assert L.unpack_key(buf, 50) == (3, t)
+        k = L.flow_key(3, t)
+        assert len(k) == L.key_size(t.family) == (20 if t.family == 4 else 44)
+        assert L.unpack_flow_key(k) == (3, t)
+    assert L.MAP_OF == {4: "ct_flows4", 6: "ct_flows6"}
 
 
 def test_flowdir_entry_fields():
-    """flowdir_entry keys the match tuple and stores the out tuple, MACs, MTU and slot."""
+    """flowdir_entry keys the match tuple and stores the whole out tuple (the
+    unchanged destination too), MACs, MTU and slot."""
     m = FlowTuple(4, 6, b"\x0a\x00\x00\x02", b"\xc0\x00\x02\x01", 1234, 80)
     o = FlowTuple(4, 6, b"\xcb\x00\x71\x05", b"\xc0\x00\x02\x01", 61000, 80)
     d = FlowDir(3, m, o, 5, b"\x02" * 6, b"\x04" * 6, mtu=1400)
     key, val = L.flowdir_entry(d, 42)
-    assert L.unpack_key(key) == (3, m)
+    assert L.unpack_flow_key(key) == (3, m) and len(key) == L.KEY4_SIZE
     v = L.unpack_val(val)
     assert v.flags == L.CT_F_SNAT
     assert (v.out_ifindex, v.smac, v.dmac, v.mtu, v.slot) == (5, d.src_mac, d.dst_mac, 1400, 42)
     assert v.nat_src[:4] == o.src and v.nat_sport == 61000
+    assert v.nat_dst[:4] == o.dst and v.nat_dport == 80
     assert (v.packets, v.bytes, v.last_used) == (0, 0, 0)
 
 
@@ -265,8 +299,9 @@ def test_native_order_assumption():
         assert L.htons(p) == socket.htons(p)
 
 
-def test_pack_flowdir_into_matches_reference_path():
-    """The inlined batch packer equals flowdir_flags + pack_key + pack_val_into."""
+def test_conn_entries_match_reference_path():
+    """The inlined batch packer (conn_entries, both directions at once) equals
+    flowdir_flags + flow_key + pack_val_into for each direction."""
     import random  # noqa: PLC0415
 
     rng = random.Random(4)
@@ -292,27 +327,32 @@ def test_pack_flowdir_into_matches_reference_path():
             o = o._replace(sport=nid, dport=nid if proto in (1, 58) else o.dport)
         if proto not in (1, 58) and rng.random() < 0.5:
             o = o._replace(dport=rng.randrange(65536))
-        d = FlowDir(rng.randrange(1, 1000), m, o, 9, b"\x02" * 6, b"\x04" * 6, mtu=1500)
+        d0 = FlowDir(rng.randrange(1, 1000), m, o, 9, b"\x02" * 6, b"\x04" * 6, mtu=1500)
+        # the reply direction, as the offload manager builds it
+        d1 = FlowDir(9, o.reverse(), m.reverse(), 3, b"\x06" * 6, b"\x08" * 6, mtu=9000)
         slot = rng.randrange(1 << 20)
-        key, val = L.flowdir_entry(d, slot)
-        ref = bytearray(L.VAL_SIZE)
-        L.pack_val_into(
-            ref,
-            0,
-            match=m,
-            flags=L.flowdir_flags(d),
-            out_ifindex=9,
-            smac=d.src_mac,
-            dmac=d.dst_mac,
-            mtu=1500,
-            nat_src=o.src,
-            nat_dst=o.dst,
-            nat_sport=o.sport,
-            nat_dport=o.dport,
-            slot=slot,
-        )
-        assert key == L.pack_key(d.in_ifindex, m)
-        assert L.unpack_val(val) == L.unpack_val(ref)
+        k0, k1, vals = L.conn_entries(d0, d1, slot)
+        assert len(vals) == 2 * L.VAL_SIZE
+        for d, key, val in ((d0, k0, vals[: L.VAL_SIZE]), (d1, k1, vals[L.VAL_SIZE :])):
+            ref = bytearray(L.VAL_SIZE)
+            L.pack_val_into(
+                ref,
+                0,
+                match=d.match,
+                flags=L.flowdir_flags(d),
+                out_ifindex=d.out_ifindex,
+                smac=d.src_mac,
+                dmac=d.dst_mac,
+                mtu=d.mtu,
+                nat_src=d.out.src,
+                nat_dst=d.out.dst,
+                nat_sport=d.out.sport,
+                nat_dport=d.out.dport,
+                slot=slot,
+            )
+            assert key == L.flow_key(d.in_ifindex, d.match)
+            assert val == bytes(ref)
+            assert L.flowdir_entry(d, slot) == (key, val)
 
 
 def test_enums_match_header():

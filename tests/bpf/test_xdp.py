@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import time
@@ -155,13 +156,23 @@ def v4(s: str) -> bytes:
     return bytes(int(x) for x in s.split("."))
 
 
-def make_ctx(xp: XPorts, n: int = 0, *, snat: bool = True, proto: int = 6) -> OffloadCtx:
-    """A client(a) -> server(b) connection #n, SNATed to 192.168.1.1 by default."""
-    client, server, pub = v4("10.0.0.2"), v4("192.168.1.2"), v4("192.168.1.1")
+def v6(s: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, s)
+
+
+def make_ctx(
+    xp: XPorts, n: int = 0, *, snat: bool = True, proto: int = 6, fam: int = 4
+) -> OffloadCtx:
+    """A client(a) -> server(b) connection #n, SNATed to 192.168.1.1 (IPv6:
+    fd01::1) by default."""
+    if fam == 4:
+        client, server, pub = v4("10.0.0.2"), v4("192.168.1.2"), v4("192.168.1.1")
+    else:
+        client, server, pub = v6("fd00::2"), v6("fd01::2"), v6("fd01::1")
     cport, sport = 40000 + n, 80
-    orig = FlowTuple(4, proto, client, server, cport, sport)
+    orig = FlowTuple(fam, proto, client, server, cport, sport)
     if snat:
-        reply = FlowTuple(4, proto, server, pub, sport, 50000 + n)
+        reply = FlowTuple(fam, proto, server, pub, sport, 50000 + n)
     else:
         reply = orig.reverse()
     d0 = FlowDir(xp.a_idx, orig, reply.reverse(), xp.b_idx, MAC_B, MAC_SERVER, 1500)
@@ -170,12 +181,17 @@ def make_ctx(xp: XPorts, n: int = 0, *, snat: bool = True, proto: int = 6) -> Of
 
 
 def bcc_entries(p: XdpProvider) -> dict[tuple, object]:
-    """ct_flows as bcc's own ctypes types see it: (ifindex, src, sport) -> leaf."""
-    t = p.table[b"ct_flows"]
+    """ct_flows4 as bcc's own ctypes types see it: (ifindex, src, sport) -> leaf."""
+    t = p.table[b"ct_flows4"]
     out = {}
     for k, v in t.items():
-        out[(k.ifindex, bytes(bytearray(k.src))[:4], socket_ntohs(k.sport))] = (k, v)
+        out[(k.ifindex, struct.pack("=I", k.src), socket_ntohs(k.sport))] = (k, v)
     return out
+
+
+def leaf_packets(v) -> int:
+    """Packets of a bcc ct_flow_val leaf: the sum of its per-CPU counter slots."""
+    return sum(c.packets for c in v.cnt)
 
 
 def socket_ntohs(x: int) -> int:
@@ -184,17 +200,38 @@ def socket_ntohs(x: int) -> int:
 
 def tcp_frame(d: FlowDir, flags: str = "A") -> bytes:
     from scapy.layers.inet import IP, TCP  # noqa: PLC0415
+    from scapy.layers.inet6 import IPv6  # noqa: PLC0415
     from scapy.layers.l2 import Ether  # noqa: PLC0415
     from scapy.packet import Raw  # noqa: PLC0415
 
     m = d.match
+    if m.family == 4:
+        l3 = IP(
+            src=socket.inet_ntop(socket.AF_INET, m.src),
+            dst=socket.inet_ntop(socket.AF_INET, m.dst),
+            ttl=64,
+        )
+    else:
+        l3 = IPv6(
+            src=socket.inet_ntop(socket.AF_INET6, m.src),
+            dst=socket.inet_ntop(socket.AF_INET6, m.dst),
+            hlim=64,
+        )
     pkt = (
         Ether(src="02:00:00:00:00:99", dst="02:00:00:00:00:98")
-        / IP(src=".".join(map(str, m.src)), dst=".".join(map(str, m.dst)), ttl=64)
+        / l3
         / TCP(sport=m.sport, dport=m.dport, flags=flags, seq=1, ack=1)
         / Raw(b"x" * 20)
     )
     return bytes(pkt)
+
+
+def map_lens(p: XdpProvider) -> dict[int, int]:
+    """Entries per family's flow map."""
+    return {
+        fam: sum(n for _k, _v, n in bpfsys.map_lookup_batch(fd, L.key_size(fam), L.VAL_SIZE))
+        for fam, fd in p.flows_fds.items()
+    }
 
 
 def run(p: XdpProvider, frame: bytes, ifindex: int) -> bpfsys.TestRun:
@@ -202,7 +239,11 @@ def run(p: XdpProvider, frame: bytes, ifindex: int) -> bpfsys.TestRun:
 
 
 def map_len(p: XdpProvider) -> int:
-    return sum(n for _k, _v, n in bpfsys.map_lookup_batch(p.flows_fd, L.KEY_SIZE, L.VAL_SIZE))
+    return sum(
+        n
+        for fam, fd in p.flows_fds.items()
+        for _k, _v, n in bpfsys.map_lookup_batch(fd, L.key_size(fam), L.VAL_SIZE)
+    )
 
 
 # --- attaching ------------------------------------------------------------------------
@@ -214,7 +255,13 @@ def test_start_attaches_native_pins_and_fills_tx_ports(make, xports):
     p.start()
     assert p.attached == {xports.a: "native", xports.b: "native"}
     assert xdp_mode(xports.a) == "native" and xdp_mode(xports.b) == "native"
-    assert {"ct_flows", "ct_last_used", "ct_stats", "ct_tx_ports"} <= set(os.listdir(p.pin_dir))
+    assert set(os.listdir(p.pin_dir)) == {
+        "ct_flows4",
+        "ct_flows6",
+        "ct_last_used",
+        "ct_stats",
+        "ct_tx_ports",
+    }
     tx = p.table[b"ct_tx_ports"].map_fd
     keys = set()
     k = bpfsys.map_get_next_key(tx, None, 4)
@@ -299,9 +346,9 @@ def test_conn_add_writes_both_directions(prov, xports):
     assert len(ents) == 2
     k0, v0 = ents[(xports.a_idx, v4("10.0.0.2"), 40000)]
     k1, v1 = ents[(xports.b_idx, v4("192.168.1.2"), 80)]
-    assert (k0.family, k0.proto, socket_ntohs(k0.dport)) == (4, 6, 80)
-    assert bytes(bytearray(k0.dst))[:4] == v4("192.168.1.2")
-    assert bytes(bytearray(k1.dst))[:4] == v4("192.168.1.1")
+    assert (k0.proto, socket_ntohs(k0.dport)) == (6, 80)
+    assert struct.pack("=I", k0.dst) == v4("192.168.1.2")
+    assert struct.pack("=I", k1.dst) == v4("192.168.1.1")
     assert socket_ntohs(k1.dport) == 50000
     assert v0.slot == v1.slot == prov.slot_of(ctx)
     assert v0.flags == L.CT_F_SNAT and v1.flags == L.CT_F_DNAT
@@ -312,7 +359,7 @@ def test_conn_add_writes_both_directions(prov, xports):
     assert (v0.out_ifindex, v1.out_ifindex) == (xports.b_idx, xports.a_idx)
     assert bytes(bytearray(v0.smac)) == MAC_B and bytes(bytearray(v0.dmac)) == MAC_SERVER
     assert bytes(bytearray(v1.smac)) == MAC_A and bytes(bytearray(v1.dmac)) == MAC_CLIENT
-    assert v0.mtu == 1500 and v0.packets == 0
+    assert v0.mtu == 1500 and leaf_packets(v0) == 0
     s = prov.stats()
     assert (s["conns"], s["entries"], s["adds"]) == (1, 2, 1)
 
@@ -418,13 +465,50 @@ def test_batch_submit_runs_each_kind_in_order(prov, xports):
 
 
 def test_flush_deletes_everything(prov, xports):
-    """flush() empties ct_flows and forgets every connection."""
+    """flush() empties both flow maps and forgets every connection."""
     ctxs = [make_ctx(xports, i) for i in range(5)]
     prov.batch_submit(Batch([Op(OpKind.ADD, c) for c in ctxs]))
     assert map_len(prov) == 10
     assert prov.flush() == 0
     assert map_len(prov) == 0
     assert prov.stats()["conns"] == 0 and prov.slot_of(ctxs[0]) is None
+
+
+def test_families_go_to_their_own_maps(prov, xports):
+    """One batch of IPv4 and IPv6 connections: IPv4 entries land in ct_flows4,
+    IPv6 ones in ct_flows6, each op succeeds, and deletes find both maps."""
+    ctxs = [make_ctx(xports, i, fam=4 if i % 2 else 6) for i in range(6)]
+    ops = [Op(OpKind.ADD, c) for c in ctxs]
+    prov.batch_submit(Batch(ops))
+    assert [o.err for o in ops] == [0] * 6
+    assert map_lens(prov) == {4: 6, 6: 6}
+    assert len({prov.slot_of(c) for c in ctxs}) == 6
+    dels = [Op(OpKind.DEL, c) for c in ctxs[:3]]
+    prov.batch_submit(Batch(dels))
+    assert [o.err for o in dels] == [0] * 3
+    assert map_lens(prov) == {4: 4, 6: 2}
+    fams = sorted(r.match.family for r in prov.flows())
+    assert fams == [4, 4, 4, 4, 6, 6]
+
+
+def test_ipv6_connection_is_forwarded_and_counted(prov, xports):
+    """An IPv6 connection installed by the provider is hit by the program through
+    ct_flows6 and its per-direction counters and last-used read back."""
+    ctx = make_ctx(xports, fam=6)
+    assert prov.conn_add(ctx) == 0
+    f0 = tcp_frame(ctx.dirs[0])
+    assert run(prov, f0, xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    ((c, pkts, byts),) = prov.counters()
+    assert c is ctx and pkts == (1, 0) and byts == (len(f0), 0)
+    assert prov.conn_update(ctx) is not None
+
+
+def test_directions_of_two_families_are_einval(prov, xports):
+    """A connection whose directions are of different families is refused (EINVAL)."""
+    ctx = make_ctx(xports)
+    ctx.dirs[1] = make_ctx(xports, fam=6).dirs[1]
+    assert prov.conn_add(ctx) == errno.EINVAL
+    assert map_lens(prov) == {4: 0, 6: 0} and prov.slot_of(ctx) is None
 
 
 # --- the fast path writes, the provider reads --------------------------------------------
@@ -446,7 +530,7 @@ def test_aging_reads_the_stamp_the_program_wrote(prov, xports):
     assert t0 - 0.02 <= lu <= t1 + 0.001
     assert prov.conn_update_many([ctx, other]) == [lu, None]
     _k, v0 = bcc_entries(prov)[(xports.a_idx, v4("10.0.0.2"), 40000)]
-    assert v0.last_used == prov.last_used_ns(ctx) and v0.packets == 1
+    assert v0.last_used == prov.last_used_ns(ctx) and leaf_packets(v0) == 1
     assert prov.stats()["hit"] >= 1
 
 
@@ -476,6 +560,14 @@ def test_fin_flags_the_connection_for_teardown(prov, xports):
 # --- capacity -------------------------------------------------------------------------
 
 
+def fill_foreign(p: XdpProvider, n: int) -> None:
+    """Write ``n`` IPv4 entries no connection owns straight into ct_flows4."""
+    keys, vals = bytearray(n * L.KEY4_SIZE), bytearray(n * L.VAL_SIZE)
+    for i in range(n):
+        L.KEY4.pack_into(keys, i * L.KEY4_SIZE, 999, b"\1" * 4, b"\2" * 4, i, i, 17)
+    bpfsys.map_update_batch(p.flows_fds[4], keys, vals, n)
+
+
 def test_enospc_when_slots_run_out(make, xports):
     """With CT_MAX_CONNS=4 the fifth connection is ENOSPC, counted, nothing written."""
     p = make(max_conns=4)
@@ -494,10 +586,7 @@ def test_full_map_rolls_back_a_half_written_pair(make, xports):
     p = make(max_conns=4)
     p.start()
     # Seven foreign entries leave room for exactly one: the pair cannot fit.
-    keys, vals = bytearray(7 * L.KEY_SIZE), bytearray(7 * L.VAL_SIZE)
-    for i in range(7):
-        L.KEY.pack_into(keys, i * L.KEY_SIZE, 999, 4, 17, 0, i, i, b"\1" * 16, b"\2" * 16)
-    bpfsys.map_update_batch(p.flows_fd, keys, vals, 7)
+    fill_foreign(p, 7)
     ctx = make_ctx(xports)
     ops = [Op(OpKind.ADD, ctx)]
     p.batch_submit(Batch(ops))
@@ -562,6 +651,26 @@ def test_unclaimed_orphans_are_reaped(make, xports):
     assert map_len(p2) == 2 and p2.stats()["free_slots"] == 63
 
 
+def test_pins_of_an_older_layout_are_dropped(make, xports, caplog):
+    """A pin this build does not know (the single ct_flows of builds before the
+    per-family maps) makes the start begin from fresh maps, with a warning."""
+    p1 = make(keep=True)
+    p1.start()
+    p1.conn_add(make_ctx(xports))
+    p1.close()
+    fd = bpfsys.map_create("hash", L.KEY_SIZE, 96, 16, name="ct_flows")
+    try:
+        bpfsys.obj_pin(fd, os.path.join(p1.pin_dir, "ct_flows"))
+    finally:
+        os.close(fd)
+    p2 = make(pin_dir=p1.pin_dir)
+    with caplog.at_level(logging.WARNING, logger="ctxdp.providers.xdp"):
+        p2.start()
+    assert map_len(p2) == 0 and p2.stats()["orphans"] == 0
+    assert "ct_flows" not in os.listdir(p2.pin_dir)
+    assert any("does not use" in r.getMessage() for r in caplog.records)
+
+
 def test_pins_of_another_size_are_not_adopted(make, xports, caplog):
     """Pinned maps built for another CT_MAX_CONNS are replaced, with a warning."""
     p1 = make(keep=True, max_conns=64)
@@ -581,10 +690,7 @@ def test_pipelined_chunks_roll_back_exactly_the_refused(make, xports):
     p = make(max_conns=16)
     p.start()
     p.PIPELINE_CHUNK = 4  # 16 ADDs -> four chunks through the helper thread
-    keys, vals = bytearray(7 * L.KEY_SIZE), bytearray(7 * L.VAL_SIZE)
-    for i in range(7):  # 7 foreign entries: room for 12 pairs and one lone entry
-        L.KEY.pack_into(keys, i * L.KEY_SIZE, 999, 4, 17, 0, i, i, b"\1" * 16, b"\2" * 16)
-    bpfsys.map_update_batch(p.flows_fd, keys, vals, 7)
+    fill_foreign(p, 7)  # room for 12 pairs and one lone entry
     ctxs = [make_ctx(xports, i) for i in range(16)]
     ops = [Op(OpKind.ADD, c) for c in ctxs]
     p.batch_submit(Batch(ops))
