@@ -5,18 +5,28 @@
  *
  * Contract: IPv4 TCP/UDP only, no NAT, no TTL, no punts, no last-used. Parse
  * Ethernet + IPv4 + ports with bounds checks, look the 5-tuple up in a hash
- * map, on a hit rewrite both MACs, add to a packet counter shared by all CPUs
- * (atomic, like ct_offload's) and redirect through a devmap; everything else
- * is XDP_PASS. It is deliberately the least a forwarder can do, so the ratio
- * ct_offload/ref_fwd is the price of conntrack offload features.
+ * map, on a hit rewrite both MACs, count the packet exactly (even with
+ * several CPUs on one entry) and redirect through a devmap; everything else
+ * is XDP_PASS. It is deliberately the least a forwarder can do, done the
+ * cheapest way ct_offload knows for each step (MACs copied as 16-bit words,
+ * the counter in a per-CPU slot of the value: see ct_offload.h), so the
+ * ratio ct_offload/ref_fwd is the price of conntrack offload features and
+ * never of a handicapped reference.
  *
- * Key shape (build knob), because the hash of a wider key costs real time:
+ * Build knobs:
+ *   Key shape, because the hash of a wider key costs real time:
  *   default          struct ref_key: the classic compact 5-tuple, 16 bytes
  *                    (addresses, ports, protocol) — THE reference of the bar;
+ *   -DREF_KEY_CT4    struct ct_flow_key4 from bpf/ct_offload.h: the key
+ *                    ct_offload looks IPv4 up with (adds the ingress ifindex);
  *   -DREF_KEY_WIDE   struct ct_flow_key from bpf/ct_offload.h: the 44-byte
- *                    family-generic key ct_offload looks every packet up with.
- * The ct_offload shape needs -I<repo>/bpf. Only the key differs between
- * the builds, so the step between them is the price of the key alone.
+ *                    family-generic key (ct_offload's IPv6 key).
+ *   -DREF_ATOMIC     one counter shared by all CPUs with an atomic add
+ *                    instead of per-CPU slots (what exact counters cost the
+ *                    classic way).
+ * Every build needs -I<repo>/bpf and xdp_layout.cflags() (ct_offload.h
+ * sizes the counter slots). Only the knob differs between the builds, so
+ * the steps between them are the price of the key or counter alone.
  *
  * Its egress map is the same kind ct_offload uses (a DEVMAP_HASH keyed by
  * ifindex, which bcc 0.26 cannot declare: the bench creates it, pins it and
@@ -29,11 +39,11 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 
-#if defined(REF_KEY_WIDE)
 #include "ct_offload.h"
-#endif
 
-#if defined(REF_KEY_WIDE)
+#if defined(REF_KEY_CT4)
+typedef struct ct_flow_key4 ref_key_t;
+#elif defined(REF_KEY_WIDE)
 typedef struct ct_flow_key ref_key_t;
 #else
 struct ref_key {
@@ -50,7 +60,7 @@ struct ref_val {
 	__u32 out_ifindex;
 	__u8 smac[6];
 	__u8 dmac[6];
-	__u64 packets;
+	__u64 packets[CT_CNT_SLOTS];  /* per-CPU slots, like ct_flow_val.cnt */
 };
 
 BPF_HASH(ref_flows, ref_key_t, struct ref_val, 1024);
@@ -89,6 +99,7 @@ int ref_fwd(struct xdp_md *ctx)
 	struct ref_val *v;
 	struct iphdr *iph;
 	__be16 *ports;
+	__u16 *d, *dm, *sm;
 	int proto;
 
 	proto = ref_parse_v4(data, end, &iph);
@@ -97,7 +108,11 @@ int ref_fwd(struct xdp_md *ctx)
 	ports = (void *)(iph + 1);
 	if ((void *)(ports + 2) > end)
 		return XDP_PASS;
-#if defined(REF_KEY_WIDE)
+#if defined(REF_KEY_CT4)
+	k.ifindex = ctx->ingress_ifindex;
+	k.src = iph->saddr;
+	k.dst = iph->daddr;
+#elif defined(REF_KEY_WIDE)
 	k.ifindex = ctx->ingress_ifindex;
 	k.family = CT_FAMILY_V4;
 	k.src[0] = iph->saddr;
@@ -112,8 +127,22 @@ int ref_fwd(struct xdp_md *ctx)
 	v = ref_flows.lookup(&k);
 	if (!v)
 		return XDP_PASS;
-	__builtin_memcpy(((struct ethhdr *)data)->h_source, v->smac, 6);
-	__builtin_memcpy(((struct ethhdr *)data)->h_dest, v->dmac, 6);
-	__sync_fetch_and_add(&v->packets, 1);
+	/* Both MACs sit at even offsets in the frame and in the value. */
+	d = data;
+	dm = (__u16 *)v->dmac;
+	sm = (__u16 *)v->smac;
+	d[0] = dm[0];
+	d[1] = dm[1];
+	d[2] = dm[2];
+	d[3] = sm[0];
+	d[4] = sm[1];
+	d[5] = sm[2];
+#if defined(REF_ATOMIC)
+	__sync_fetch_and_add(&v->packets[0], 1);
+#elif defined(CT_CNT_SHARED)
+	__sync_fetch_and_add(&v->packets[bpf_get_smp_processor_id() & (CT_CNT_SLOTS - 1)], 1);
+#else
+	v->packets[bpf_get_smp_processor_id() & (CT_CNT_SLOTS - 1)] += 1;
+#endif
 	return ref_tx_ports.redirect_map(v->out_ifindex, 0);
 }
