@@ -126,16 +126,17 @@ class _Held:
 
 class _Pending:
     """One family's share of an ADD run: ops in buffer order (op i owns keys
-    2i and 2i+1 and values chunk i), keys a rewrite or claim replaces (by
-    op index), and the writes under way (futures or failure lists)."""
+    2i and 2i+1 and the values at ``vbuf[i * 2 * VAL_SIZE:]``), keys a
+    rewrite or claim replaces (by op index), and the writes under way
+    (futures or failure lists)."""
 
-    __slots__ = ("fam", "written", "keys", "vals", "olds", "pushes")
+    __slots__ = ("fam", "written", "keys", "vbuf", "olds", "pushes")
 
-    def __init__(self, fam: int) -> None:
+    def __init__(self, fam: int, vbuf: bytearray) -> None:
         self.fam = fam
         self.written: list[Op] = []
         self.keys: list[Key] = []
-        self.vals: list[bytes] = []
+        self.vbuf = vbuf
         self.olds: dict[int, tuple] = {}
         self.pushes: list[Any] = []
 
@@ -225,6 +226,7 @@ class XdpProvider(Provider):
         self._lu_mmap: Any = None
         self._lu: memoryview | None = None  # ct_last_used as u64[max_conns]
         self._owner: dict[bytes, _Held] = {}
+        self._vbufs = {4: bytearray(), 6: bytearray()}  # ADD runs' value buffers
         self._by_slot: list[_Held | None] = []
         self._free = array.array("I")
         self._n_held = 0
@@ -849,7 +851,8 @@ class XdpProvider(Provider):
         The common case (a new connection whose keys nobody owns) is inlined:
         this loop is what the batched install rate rests on. Keys come out of
         the packer as bytes, serve as index keys as they are, and are joined
-        into the kernel's buffer per chunk. Index changes are made
+        into the kernel's buffer per chunk; values are packed straight into a
+        per-family buffer kept across runs. Index changes are made
         optimistically and undone for the connections the kernel refused, so
         every op ends either fully installed or absent.
         """
@@ -857,10 +860,14 @@ class XdpProvider(Provider):
         gen = self._gen
         owner, free, lu, by_slot = self._owner, self._free, self._lu, self._by_slot
         setdefault = owner.setdefault
-        entries = L.conn_entries
+        entries = L.conn_entries_into
         special = self._prepare_special
         chunk = self.PIPELINE_CHUNK if len(run) >= 2 * self.PIPELINE_CHUNK else 0
-        p4, p6 = _Pending(4), _Pending(6)
+        vs2 = 2 * _VS
+        for fam, buf in self._vbufs.items():  # grown, never shrunk: no refill per run
+            if len(buf) < vs2 * len(run):
+                self._vbufs[fam] = bytearray(vs2 * len(run))
+        p4, p6 = _Pending(4, self._vbufs[4]), _Pending(6, self._vbufs[6])
         dups: list[tuple[Op, Op]] = []
         eagain = new = 0
         EAGAIN, PRIV, KS4 = errno.EAGAIN, _PRIV, L.KEY4_SIZE  # noqa: N806 - hoisted constants
@@ -880,19 +887,24 @@ class XdpProvider(Provider):
                 op.err = EAGAIN
                 eagain += 1
                 continue
-            # Pack first, with the slot a new connection would get.
+            # Pack first, with the slot a new connection would get, into the
+            # IPv4 buffer (moved to the IPv6 one below if that is the family).
             slot = free[-1] if free else 0
+            voff = len(p4.written) * vs2
             try:
-                k0, k1, vals = entries(d0, d1, slot)
+                k0, k1 = entries(p4.vbuf, voff, d0, d1, slot)
             except (struct.error, TypeError, ValueError, OverflowError):
-                op.err = errno.EINVAL  # a field the map cannot hold (bad MAC, MTU...)
-                self._c["add_errors"] += 1
-                continue
-            if len(k0) != len(k1):  # directions of two families: no map holds that
+                # A field the map cannot hold (bad MAC, MTU...), or directions
+                # of two families / protocols.
                 op.err = errno.EINVAL
                 self._c["add_errors"] += 1
                 continue
-            p = p4 if len(k0) == KS4 else p6
+            if len(k0) == KS4:
+                p = p4
+            else:
+                p = p6
+                voff = len(p6.written) * vs2
+                entries(p6.vbuf, voff, d0, d1, slot)
             held = ctx.priv.get(PRIV)  # type: ignore[union-attr]
             h = None
             if held is None and free:
@@ -932,11 +944,10 @@ class XdpProvider(Provider):
                 if old:
                     p.olds[len(p.written)] = old
                 if h.slot != slot:  # rewrite or claim: repack with the real slot
-                    k0, k1, vals = entries(d0, d1, h.slot)
+                    entries(p.vbuf, voff, d0, d1, h.slot)
             op.err = 0
             p.written.append(op)
             p.keys += (k0, k1)
-            p.vals.append(vals)
             if chunk and len(p.written) % chunk == 0:
                 p.pushes.append(self._push_async(p, len(p.written) - chunk, len(p.written)))
         self._n_held += new
@@ -967,7 +978,7 @@ class XdpProvider(Provider):
         caller no longer changes), so it may run in the helper thread.
         """
         kbuf = b"".join(p.keys[2 * lo : 2 * hi])
-        vbuf = b"".join(p.vals[lo:hi])
+        vbuf = memoryview(p.vbuf)[2 * _VS * lo : 2 * _VS * hi]
         done, need = 0, 2 * (hi - lo)  # entries of the joined buffers
         failed: list[tuple[int, int, bool]] = []
         while done < need:
@@ -1022,7 +1033,7 @@ class XdpProvider(Provider):
                 log.error("xdp: rollback of a half-written connection failed: %s", exc)
         self._forget(h)
 
-    def _update(self, fam: int, kbuf: bytes, vbuf: bytes, count: int, start: int) -> int:
+    def _update(self, fam: int, kbuf: bytes, vbuf, count: int, start: int) -> int:
         """Write ``count`` entries from index ``start`` of the buffers to the
         flow map of ``fam``; BatchError on a partial write."""
         ks, fd = _KS[fam], self._flows[fam]

@@ -34,9 +34,9 @@ Contract:
   pseudo-header addresses and the ports (TCP/UDP), the echo identifier
   (ICMPv4: no pseudo-header) or the pseudo-header addresses plus the echo
   identifier (ICMPv6). A zero IPv4 UDP checksum is left alone by the program.
-- Pure apart from that one sysfs read: no bcc, no syscalls. ``conn_entries``
-  is the batch-install fast path (both directions of a connection in one
-  call, a few struct calls, no intermediate objects).
+- Pure apart from that one sysfs read: no bcc, no syscalls.
+  ``conn_entries_into`` is the batch-install fast path (both directions of a
+  connection in one call, three struct calls, no intermediate objects).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ __all__ = [
     "cflags",
     "cnt_slots",
     "conn_entries",
+    "conn_entries_into",
     "csum_fold",
     "flow_key",
     "flowdir_entry",
@@ -475,7 +476,22 @@ _ICMPS = (IPPROTO_ICMP, IPPROTO_ICMPV6)
 _SWAP = tuple(htons(p) for p in range(65536))
 
 
-def conn_entries(
+def _icmp_flags_l4(proto: int, srcs: bool, dsts: bool, msp: int, osp: int, d: int) -> tuple:
+    """(flags, l4 delta) of an ICMP / ICMPv6 echo direction: one identifier,
+    charged to SNAT unless only the destination moves (``flowdir_flags``).
+    ``d`` is the address part of the delta; ports are native-order words."""
+    flags = (CT_F_SNAT if srcs else 0) | (CT_F_DNAT if dsts else 0)
+    if msp != osp:
+        flags = flags or CT_F_SNAT
+        pd = osp - msp
+    else:
+        pd = 0
+    return flags, (pd if proto == IPPROTO_ICMP else d + pd) % 0xFFFF
+
+
+def conn_entries_into(
+    vbuf,
+    voff: int,
     d0: FlowDir,
     d1: FlowDir,
     slot: int,
@@ -483,52 +499,76 @@ def conn_entries(
     _fb=int.from_bytes,  # bound as locals: this runs a million times a second
     _o=_ORDER,
     _sw=_SWAP,
+    _ttl=_TTL_DEC,
     _k4=KEY4.pack,
     _k6=_KEY6.pack,
-    _v2=_VAL2.pack,
+    _v2=_VAL2.pack_into,
     _icmps=_ICMPS,
-) -> tuple[bytes, bytes, bytes]:
-    """(key 0, key 1, both values) of a connection's two directions.
+) -> tuple[bytes, bytes]:
+    """Pack a connection's two direction entries: returns both keys, writes
+    both values at ``vbuf[voff:voff + 2 * VAL_SIZE]``.
 
-    The batch-install fast path: keys for ``MAP_OF[family]`` (20 or 44
-    bytes), the two ct_flow_vals back to back (``2 * VAL_SIZE`` bytes),
-    flags and both checksum deltas computed inline (same results as
-    ``flowdir_flags`` + ``pack_val_into``), last_used and the counters zero.
-    Both directions must be resolved and of one family.
+    The batch-install fast path: keys (as ``bytes``, ready to be index keys)
+    for ``MAP_OF[family]`` (20 or 44 bytes), the two ct_flow_vals back to
+    back into the caller's buffer (no allocation per connection), flags and
+    both checksum deltas computed inline (same results as ``flowdir_flags``
+    + ``pack_val_into``), last_used and the counters zero.
+    Both directions must be resolved; ValueError if they differ in family or
+    protocol (no map entry pair can hold that).
+    Written out for both directions (no loop, no per-direction call) because
+    that halves its cost; when ``d1`` is ``d0`` reversed, as conntrack builds
+    it, the address words of its deltas are ``d0``'s negated.
     """
-    args: list = []
-    keys: list[bytes] = []
-    for d in (d0, d1):
-        fam, proto, msrc, mdst, msp, mdp = d.match
-        _f, _p, osrc, odst, osp, odp = d.out
-        hmsp, hmdp, hosp, hodp = _sw[msp], _sw[mdp], _sw[osp], _sw[odp]
-        if fam == 4:
-            keys.append(_k4(d.in_ifindex, msrc, mdst, hmsp, hmdp, proto))
-        else:
-            keys.append(_k6(d.in_ifindex, fam, proto, hmsp, hmdp, msrc, mdst))
-        # Address part of both deltas (0 when nothing moves).
-        a = 0
-        if msrc != osrc:
-            a = _fb(osrc, _o) - _fb(msrc, _o)
-        if mdst != odst:
-            a += _fb(odst, _o) - _fb(mdst, _o)
-        l3 = (a + _TTL_DEC) % 0xFFFF if fam == 4 else 0
-        if proto in _icmps:
-            flags = (CT_F_SNAT if msrc != osrc else 0) | (CT_F_DNAT if mdst != odst else 0)
-            if msp != osp:
-                flags = flags or CT_F_SNAT
-                pd = hosp - hmsp
-            else:
-                pd = 0
-            l4 = (pd if proto == IPPROTO_ICMP else a + pd) % 0xFFFF
-        else:
-            flags = (CT_F_SNAT if msrc != osrc or msp != osp else 0) | (
-                CT_F_DNAT if mdst != odst or mdp != odp else 0
-            )
-            l4 = (a + hosp - hmsp + hodp - hmdp) % 0xFFFF if flags else 0
-        args += (flags, d.out_ifindex, d.src_mac, d.dst_mac, d.mtu, osrc, odst, hosp, hodp)
-        args += (l3, l4, slot)
-    return keys[0], keys[1], _v2(*args)
+    fam, proto, msrc, mdst, msp, mdp = d0.match
+    _f, _p, osrc, odst, osp, odp = d0.out
+    fam1, proto1, msrc1, mdst1, msp1, mdp1 = d1.match
+    _f1, _p1, osrc1, odst1, osp1, odp1 = d1.out
+    if fam != fam1 or proto != proto1:
+        raise ValueError("the two directions differ in family or protocol")
+    hmsp, hmdp, hosp, hodp = _sw[msp], _sw[mdp], _sw[osp], _sw[odp]
+    hmsp1, hmdp1, hosp1, hodp1 = _sw[msp1], _sw[mdp1], _sw[osp1], _sw[odp1]
+    # Address part of the deltas: native words new - old (0 when nothing moves).
+    s0, t0 = msrc != osrc, mdst != odst
+    a0 = (_fb(osrc, _o) - _fb(msrc, _o) if s0 else 0) + (_fb(odst, _o) - _fb(mdst, _o) if t0 else 0)
+    if msrc1 is odst and mdst1 is osrc and osrc1 is mdst and odst1 is msrc:
+        s1, t1, a1 = t0, s0, -a0  # d1 == d0 reversed (same address objects)
+    else:
+        s1, t1 = msrc1 != osrc1, mdst1 != odst1
+        a1 = (_fb(osrc1, _o) - _fb(msrc1, _o) if s1 else 0) + (
+            _fb(odst1, _o) - _fb(mdst1, _o) if t1 else 0
+        )
+    if proto in _icmps:
+        f0, l40 = _icmp_flags_l4(proto, s0, t0, hmsp, hosp, a0)
+        f1, l41 = _icmp_flags_l4(proto, s1, t1, hmsp1, hosp1, a1)
+    else:
+        f0 = (CT_F_SNAT if s0 or msp != osp else 0) | (CT_F_DNAT if t0 or mdp != odp else 0)
+        f1 = (CT_F_SNAT if s1 or msp1 != osp1 else 0) | (CT_F_DNAT if t1 or mdp1 != odp1 else 0)
+        l40 = (a0 + hosp - hmsp + hodp - hmdp) % 0xFFFF if f0 else 0
+        l41 = (a1 + hosp1 - hmsp1 + hodp1 - hmdp1) % 0xFFFF if f1 else 0
+    if fam == 4:
+        l30, l31 = (a0 + _ttl) % 0xFFFF, (a1 + _ttl) % 0xFFFF
+        k0 = _k4(d0.in_ifindex, msrc, mdst, hmsp, hmdp, proto)
+        k1 = _k4(d1.in_ifindex, msrc1, mdst1, hmsp1, hmdp1, proto)
+    else:
+        l30 = l31 = 0
+        k0 = _k6(d0.in_ifindex, fam, proto, hmsp, hmdp, msrc, mdst)
+        k1 = _k6(d1.in_ifindex, fam, proto, hmsp1, hmdp1, msrc1, mdst1)
+    _v2(
+        vbuf, voff,
+        f0, d0.out_ifindex, d0.src_mac, d0.dst_mac, d0.mtu,
+        osrc, odst, hosp, hodp, l30, l40, slot,
+        f1, d1.out_ifindex, d1.src_mac, d1.dst_mac, d1.mtu,
+        osrc1, odst1, hosp1, hodp1, l31, l41, slot,
+    )  # fmt: skip
+    return k0, k1
+
+
+def conn_entries(d0: FlowDir, d1: FlowDir, slot: int) -> tuple[bytes, bytes, bytes]:
+    """(key 0, key 1, both values) of a connection: ``conn_entries_into`` with
+    a buffer of its own."""
+    vals = bytearray(2 * VAL_SIZE)
+    k0, k1 = conn_entries_into(vals, 0, d0, d1, slot)
+    return k0, k1, bytes(vals)
 
 
 def flowdir_entry(d: FlowDir, slot: int) -> tuple[bytes, bytes]:
