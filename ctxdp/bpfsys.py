@@ -433,12 +433,22 @@ class BatchError(OSError):
 
     For updates and deletes the first ``done`` entries of the buffers took
     effect, entry ``done`` failed with ``errno``, and nothing after it ran.
-    A full hash map fails with E2BIG.
+    A full hash map fails with E2BIG. A command refused before any entry
+    (bad flags, a command or map type without batch support) has
+    ``done == 0``.
     """
 
     def __init__(self, err: int, done: int, what: str) -> None:
         super().__init__(err, f"bpf({what}): {os.strerror(err)} after {done} entries")
         self.done = done
+
+
+def _done(written: int, asked: int) -> int:
+    """Entries a failed batch command processed. The kernel writes the count
+    back only once it has started on the entries (it stops at the failing
+    one, so fewer than asked); a refusal up front (flags, no batch support)
+    leaves the count as the caller set it, which means none."""
+    return 0 if written >= asked else written
 
 
 def map_update_batch(
@@ -454,7 +464,10 @@ def map_update_batch(
 ) -> int:
     """Write ``count`` entries packed back to back in ``keys`` / ``values``.
 
-    ``flags`` applies to every element (BPF_ANY / BPF_NOEXIST / BPF_EXIST).
+    ``flags`` is the batch's elem_flags: the kernel's generic update batch
+    accepts only 0 (BPF_ANY: insert or replace) or BPF_F_LOCK, and refuses
+    BPF_NOEXIST / BPF_EXIST with EINVAL before touching any entry (so an
+    insert-only batch is not possible; detect clashes in userspace).
     ``start`` skips that many entries of the buffers (needs key_size /
     value_size), so a caller can resume after a BatchError without copying.
     Returns ``count``; raises BatchError with the exact number applied.
@@ -479,7 +492,7 @@ def map_update_batch(
     except OSError as exc:
         # The kernel writes back how many elements it processed before the
         # failing one; those stay applied (there is no rollback).
-        raise BatchError(exc.errno, attr.count, "MAP_UPDATE_BATCH") from None
+        raise BatchError(exc.errno, _done(attr.count, count), "MAP_UPDATE_BATCH") from None
     finally:
         del kk, vk
     return attr.count
@@ -516,7 +529,7 @@ def map_delete_batch(
             try:
                 _bpf(_BPF_MAP_DELETE_BATCH, attr, "MAP_DELETE_BATCH")
             except OSError as exc:
-                deleted += attr.count
+                deleted += _done(attr.count, count - pos)
                 if exc.errno == _errno.ENOENT and ignore_missing:
                     pos += attr.count + 1  # skip the absent key
                     continue

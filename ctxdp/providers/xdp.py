@@ -157,8 +157,9 @@ def _batch_unsupported(exc: bpfsys.BatchError, count: int) -> bool:
     """Whether a batch command failed because the kernel lacks it (pre-5.6).
 
     An unknown bpf(2) command is EINVAL before the kernel touches
-    attr.batch.count, so the count reads back as either 0 or exactly what was
-    asked; a real failure part way reports how many entries went in.
+    attr.batch.count, which bpfsys reports as ``done == 0`` (``count`` is
+    still accepted, as a test double may report it); a real failure part way
+    reports how many entries went in.
     """
     return exc.errno == errno.EINVAL and exc.done in (0, count)
 

@@ -64,6 +64,16 @@ def test_update_batch_reports_exact_partial_count_when_full(hash_fd):
     assert bpfsys.map_lookup(hash_fd, K.pack(64), 16) is None
 
 
+def test_update_batch_refuses_noexist_up_front(hash_fd):
+    """The kernel refuses BPF_NOEXIST in an update batch before any entry: EINVAL
+    with done == 0 (not the count it was given) and nothing written."""
+    keys, vals = _fill(3)
+    with pytest.raises(bpfsys.BatchError) as ei:
+        bpfsys.map_update_batch(hash_fd, keys, vals, 3, bpfsys.BPF_NOEXIST)
+    assert (ei.value.errno, ei.value.done) == (errno.EINVAL, 0)
+    assert bpfsys.map_get_next_key(hash_fd, None, 8) is None
+
+
 def test_update_batch_start_offset(hash_fd):
     """start= resumes inside the same buffers without copying."""
     keys, vals = _fill(10)
