@@ -113,8 +113,8 @@ struct ct_flow_cnt {
  *
  * Counters: exact when several CPUs hit one entry, without atomics. CPU c
  * adds to cnt[c & (CT_CNT_SLOTS - 1)] only; userspace sums the slots. A
- * locked add costs ~5 ns on the hit path (two per packet), a per-CPU slot
- * nothing measurable, and unlike a PERCPU_HASH only the counters (not the
+ * locked add cost ~4-5 ns on the hit path here (two per packet), a per-CPU
+ * slot nothing measurable, and unlike a PERCPU_HASH only the counters (not the
  * whole value) are replicated per CPU. With more CPUs than slots
  * (CT_CNT_SHARED) CPUs share slots and the adds become atomic: still exact,
  * with memory bounded by the slot count.
