@@ -37,6 +37,13 @@ Contract (see ``ctxdp.providers.base`` for the hook semantics):
   clock of ``time.monotonic()``; None if the fast path never hit the flow.
   A connection this provider does not hold raises ``ProviderError(ENOENT)``
   (UPD: ``op.err = ENOENT``).
+- Incremental aging: ``touched()`` returns only the held connections whose
+  ``ct_last_used`` stamp changed since the previous call (the mmap is
+  compared against a private snapshot in 4 KiB chunks, so idle slots cost a
+  memcmp share); ``last_touched()`` repeats that call's connections,
+  ``counters_of(ctxs)`` reads just their entries' counters and
+  ``stat(name)`` one program counter (``punt_fin_rst`` tells whether the
+  teardown flag scan is worth running).
 - Lifecycle: ``close()`` detaches every port and removes ``pin_dir`` unless
   ``keep=True``: then the program stays attached (XDP attachments made over
   netlink outlive the process) and the maps stay pinned, so traffic keeps
@@ -226,6 +233,8 @@ class XdpProvider(Provider):
         self._tx_fd = -1
         self._lu_mmap: Any = None
         self._lu: memoryview | None = None  # ct_last_used as u64[max_conns]
+        self._lu_snap = bytearray()  # ct_last_used as touched() last saw it
+        self._recent: list[OffloadCtx] = []  # connections of the last touched()
         self._owner: dict[bytes, _Held] = {}
         self._vbufs = {4: bytearray(), 6: bytearray()}  # ADD runs' value buffers
         self._by_slot: list[_Held | None] = []
@@ -457,6 +466,10 @@ class XdpProvider(Provider):
         # stamp is a memory load, which is what makes aging 1M flows cheap.
         self._lu_mmap = bpfsys.mmap_array(lu_fd, 8, self.max_conns)
         self._lu = memoryview(self._lu_mmap).cast("Q")
+        # All zeros: the first touched() reports every stamped held slot, so
+        # stamps adopted from an earlier run are not mistaken for idle ones.
+        self._lu_snap = bytearray(8 * self.max_conns)
+        self._recent = []
         self._by_slot = [None] * self.max_conns
         self._free = array.array("I", range(self.max_conns - 1, -1, -1))
 
@@ -483,6 +496,8 @@ class XdpProvider(Provider):
                 h.ctx.priv.pop(_PRIV, None)
         self._owner.clear()
         self._by_slot = []
+        self._lu_snap = bytearray()
+        self._recent = []
         self._free = array.array("I")
         self._n_held = self._n_orphans = 0
 
@@ -773,6 +788,82 @@ class XdpProvider(Provider):
         except KeyError:
             raise ProviderError(errno.ENOENT, "connection not offloaded to xdp") from None
         return [v / 1e9 if v else None for v in ns]
+
+    #: touched() compares the mmap with its snapshot this many bytes at a time.
+    TOUCH_CHUNK = 4096
+
+    def touched(self) -> list[tuple[OffloadCtx, float]]:
+        """(ctx, last used in s) of the held connections whose ``ct_last_used``
+        stamp changed since the previous call; advances the snapshot.
+
+        Why this is enough for aging: XDP restamps a slot whenever it forwards
+        a packet in a later coarse-clock tick, so an unchanged stamp means no
+        fast-path traffic since the tracker was last refreshed from it. Slots
+        reset to 0 by a new ADD are not reported (never used yet)."""
+        mm = self._lu_mmap
+        if mm is None:
+            raise ProviderError(errno.ENODEV, "xdp provider not started")
+        snap, by_slot, step = self._lu_snap, self._by_slot, self.TOUCH_CHUNK
+        sv = memoryview(snap)
+        out: list[tuple[OffloadCtx, float]] = []
+        for off in range(0, len(snap), step):
+            cur = mm[off : off + step]  # one copy, so compare and snapshot agree
+            if cur == sv[off : off + step]:  # memcmp: the common, idle case
+                continue
+            new = memoryview(cur).cast("Q").tolist()
+            old = sv[off : off + step].cast("Q").tolist()
+            base = off // 8
+            for i, v in enumerate(new):
+                if v != old[i] and v:
+                    h = by_slot[base + i]
+                    if h is not None and h.ctx is not None:
+                        out.append((h.ctx, v / 1e9))
+            sv[off : off + step] = cur
+        sv.release()
+        self._recent = [c for c, _t in out]
+        return out
+
+    def last_touched(self) -> list[OffloadCtx]:
+        """The connections the last ``touched()`` reported."""
+        return list(self._recent)
+
+    def counters_of(
+        self, ctxs: Iterable[OffloadCtx]
+    ) -> list[tuple[OffloadCtx, tuple[int, int], tuple[int, int]]]:
+        """``counters()`` for just ``ctxs`` (one lookup per direction entry);
+        connections this provider does not hold are left out, a missing entry
+        counts zero."""
+        if self._bpf is None:
+            return []
+        out = []
+        try:
+            for ctx in ctxs:
+                h = ctx.priv.get(_PRIV)
+                if h is None:
+                    continue
+                pk, by = [0, 0], [0, 0]
+                for d, k in enumerate(h.keys[:2]):
+                    raw = bpfsys.map_lookup(self._flows[_FAM_OF_KS[len(k)]], k, _VS)
+                    if raw is None:
+                        continue
+                    q = memoryview(raw).cast("Q")
+                    pk[d] = sum(q[_CNT_Q + 2 * c] for c in range(L.CNT_SLOTS))
+                    by[d] = sum(q[_CNT_Q + 2 * c + 1] for c in range(L.CNT_SLOTS))
+                out.append((ctx, (pk[0], pk[1]), (by[0], by[1])))
+        except OSError as exc:
+            raise ProviderError(_errno_of(exc), f"reading flow counters: {exc}") from exc
+        return out
+
+    def stat(self, name: str) -> int:
+        """One program counter of ``ct_stats`` summed over CPUs (0 if not started)."""
+        if self._bpf is None:
+            return 0
+        ncpu = bpfsys.num_possible_cpus()
+        try:
+            raw = bpfsys.map_lookup(self._stats_fd, struct.pack("=I", L.STAT[name]), 8 * ncpu)
+        except OSError as exc:
+            raise ProviderError(_errno_of(exc), f"reading ct_stats: {exc}") from exc
+        return sum(struct.unpack(f"={ncpu}Q", raw)) if raw else 0
 
     def flush(self) -> int:
         """Delete every entry of both flow maps and forget every connection."""

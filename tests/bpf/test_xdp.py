@@ -557,6 +557,33 @@ def test_fin_flags_the_connection_for_teardown(prov, xports):
     assert prov.stats()["punt_fin_rst"] >= 1
 
 
+def test_touched_reports_only_connections_the_program_restamped(prov, xports, monkeypatch):
+    """touched() reports a conn once per new last-used stamp; idle ones never;
+    counters_of() and stat() read just those entries / that counter."""
+    monkeypatch.setattr(prov, "TOUCH_CHUNK", 64)  # several chunks over the 64 slots
+    ctx, other = make_ctx(xports, 0), make_ctx(xports, 1)
+    prov.conn_add(ctx)
+    prov.conn_add(other)
+    prov.touched()  # whatever earlier tests left in the snapshot
+    assert prov.touched() == [] and prov.last_touched() == []
+    f0, f1 = tcp_frame(ctx.dirs[0]), tcp_frame(ctx.dirs[1])
+    assert run(prov, f0, xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    lu = prov.conn_update(ctx)
+    assert prov.touched() == [(ctx, lu)] and prov.last_touched() == [ctx]
+    assert prov.touched() == []  # no new stamp: nothing to refresh
+    time.sleep(0.03)  # let the coarse clock move on
+    assert run(prov, f1, xports.b_idx).retval == bpfsys.XDP_REDIRECT
+    ((c, t),) = prov.touched()
+    assert c is ctx and t == prov.conn_update(ctx) > lu
+    assert prov.counters_of([ctx, other]) == [
+        (ctx, (1, 1), (len(f0), len(f1))), (other, (0, 0), (0, 0))]
+    punts = prov.stat("punt_fin_rst")
+    assert run(prov, tcp_frame(other.dirs[0], "RA"), xports.a_idx).retval == bpfsys.XDP_PASS
+    assert prov.stat("punt_fin_rst") == punts + 1
+    prov.conn_del(ctx)
+    assert prov.counters_of([ctx]) == []
+
+
 # --- capacity -------------------------------------------------------------------------
 
 
