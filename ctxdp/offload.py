@@ -1067,7 +1067,10 @@ class OffloadManager(CtObserver):
 
     def age(self, now: float) -> int:
         """Aging tick: read every provider's last-used times of the connections
-        it holds (``batch_submit`` with UPD ops, else ``conn_update_many``),
+        it holds (a provider with ``touched()`` reports only the connections
+        whose last-used moved since the previous tick: an unchanged stamp
+        means the expiry computed from it still stands; others are read whole,
+        ``batch_submit`` with UPD ops, else ``conn_update_many``),
         refresh the tracker from the newest, and take connections whose read
         failed back to the slow path (DEL to all holders). Failed DELs are
         retried. Returns the number of connections refreshed."""
@@ -1077,6 +1080,15 @@ class OffloadManager(CtObserver):
         with self._lock:
             self._c["agings"] += 1
             for ent in list(self._entries.values()):
+                if not ent.held:
+                    continue
+                rows = self._read_touched(ent)
+                if rows is not None:  # O(changed): untouched conns keep their expiry
+                    for ctx, t in rows:
+                        self._c["updates"] += 1
+                        if t > best.get(ctx, float("-inf")):
+                            best[ctx] = t
+                    continue
                 ctxs = [c for c in ent.held if not c.dead]
                 if not ctxs:
                     continue
@@ -1114,6 +1126,27 @@ class OffloadManager(CtObserver):
                 self._c["tracker_errors"] += 1
                 log.exception("ct.refresh failed")
         return n
+
+    def _read_touched(self, ent: _Entry) -> list[tuple[ConnOffload, float]] | None:
+        """Last-used times of just the held connections whose stamp changed
+        since the previous aging, from a provider that offers ``touched()``;
+        None when it does not, or when the call failed (then the full
+        per-connection read runs and its errors take connections back to the
+        slow path as before)."""
+        fn = getattr(ent.provider, "touched", None)
+        if fn is None:
+            return None
+        try:
+            rows = fn()
+        except ProviderError as e:
+            self._failures[errno_name(e.errno or _errno.EIO)] += 1
+            return None
+        except Exception:
+            self._provider_raised(ent, "touched")
+            return None
+        held = ent.held
+        return [(c, t) for c, t in rows
+                if c in held and not c.dead and t is not None]  # type: ignore[misc]
 
     def _read_last_used(
         self, ent: _Entry, ctxs: list[ConnOffload]

@@ -62,7 +62,9 @@ __all__ = [
     "FakePortSet",
     "FakeRouter",
     "FakeXdp",
+    "FakeXdpTouched",
     "TcpFlow",
+    "TouchedDummy",
     "a",
     "frame",
     "from_lan",
@@ -306,6 +308,32 @@ class FakeFlowRow:
     dir: int
 
 
+class TouchedDummy(DummyProvider):
+    """A dummy provider that also offers the XDP provider's ``touched()``:
+    the held connections whose last-used changed since the previous call.
+    ``touched_raises`` makes the next calls raise it."""
+
+    def __init__(self, name: str = "dummy", **kw: Any) -> None:
+        super().__init__(name, **kw)
+        self.seen_lu: dict[Any, float] = {}
+        self.touched_calls = 0
+        self.touched_raises: BaseException | None = None
+        self.recent: list[OffloadCtx] = []
+
+    def touched(self) -> list[tuple[OffloadCtx, float]]:
+        self.touched_calls += 1
+        if self.touched_raises is not None:
+            raise self.touched_raises
+        out = [(self.held[k], t) for k, t in self.last_used.items()
+               if k in self.held and self.seen_lu.get(k) != t]
+        self.seen_lu = dict(self.last_used)
+        self.recent = [c for c, _ in out]
+        return out
+
+    def last_touched(self) -> list[OffloadCtx]:
+        return list(self.recent)
+
+
 class FakeXdp:
     """A dummy provider named ``xdp`` that also answers the XDP provider's read-outs.
 
@@ -354,6 +382,9 @@ class FakeXdp:
                                         FakeFlowVal(d.out_ifindex, flags, pk[i], by[i], 0),
                                         ctx, i))
         return rows
+
+    def stat(self, name: str) -> int:
+        return self.prog_stats[name]
 
     def stats(self) -> dict[str, int]:
         out = dict(self.prog_stats)
@@ -441,3 +472,35 @@ class TcpFlow:
             p = p / Raw(b"d" * n)
         self.nxt[side] += n + ("S" in flags) + ("F" in flags)
         return self.wrap[side](p)
+
+
+class FakeXdpTouched(FakeXdp):
+    """``FakeXdp`` with the incremental read-outs of the XDP provider:
+    ``touched`` / ``last_touched`` (from a ``TouchedDummy``) and
+    ``counters_of``; ``counter_reads`` records which ctxs each fold read."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.dummy = TouchedDummy("xdp", **kw)
+        self.counter_reads: list[set[int]] = []
+        self.scans = 0
+
+    def touched(self) -> list[tuple[OffloadCtx, float]]:
+        return self.dummy.touched()
+
+    def last_touched(self) -> list[OffloadCtx]:
+        return self.dummy.last_touched()
+
+    def teardown_flagged(self) -> list[OffloadCtx]:
+        self.scans += 1
+        return super().teardown_flagged()
+
+    def counters_of(
+        self, ctxs: Iterable[OffloadCtx]
+    ) -> list[tuple[OffloadCtx, tuple[int, int], tuple[int, int]]]:
+        ctxs = [c for c in ctxs if self.holds(c)]
+        self.counter_reads.append({id(c) for c in ctxs})
+        return [(c, *self.fast.get(id(c), ((0, 0), (0, 0)))) for c in ctxs]
+
+    def slot_of(self, ctx: OffloadCtx) -> int | None:
+        return 0 if self.holds(ctx) else None
