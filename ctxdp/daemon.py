@@ -154,6 +154,9 @@ class Daemon:
         self._pps_mark = (self.started_at, 0)
         self.pps = 0.0
         self._fast_seen: dict[Any, tuple[tuple[int, int], tuple[int, int]]] = {}
+        self._fast_prev: set[Any] = set()  # conns whose counters the last tick read
+        self._fast_prune_at = 4096  # _fast_seen size that triggers a prune
+        self._fin_rst_mark: int | None = None  # punt_fin_rst at the last flag scan
         self.xdp = None
         self.nl = self.ports = self.router = self.neigh = self.links = self.local = None
         self.control = None
@@ -533,11 +536,7 @@ class Daemon:
         mgr = self.mgr
         with mgr.batch(now):
             if self.xdp is not None:
-                try:
-                    for ctx in self.xdp.teardown_flagged():
-                        mgr.withdraw(ctx.conn, now, "xdp-fin-rst")
-                except ProviderError as exc:
-                    log.warning("reading teardown flags: %s", exc)
+                self._teardown_flagged(now)
             mgr.age(now)
             self._fold_fast_counters()
             self.ct.sweep(now)
@@ -549,21 +548,63 @@ class Daemon:
             self.pps = (n - n0) / (now - t0)
         self._pps_mark = (now, n)
 
+    def _teardown_flagged(self, now: float) -> None:
+        """Withdraw the connections XDP flagged CT_F_TEARDOWN.
+
+        The flag scan walks both flow maps, so it runs only when the
+        program's ``punt_fin_rst`` counter moved since the last scan: XDP
+        sets the flag before it counts the punt, and the slow path sees the
+        punted FIN/RST anyway (the scan is the backup). The counter is read
+        before the scan, so a punt racing with the scan is scanned again.
+        """
+        xdp = self.xdp
+        stat = getattr(xdp, "stat", None)
+        mark = None
+        if stat is not None:
+            try:
+                mark = stat("punt_fin_rst")
+            except ProviderError as exc:
+                log.warning("reading punt counter: %s", exc)
+            if mark is not None and mark == self._fin_rst_mark:
+                return
+        try:
+            for ctx in xdp.teardown_flagged():
+                self.mgr.withdraw(ctx.conn, now, "xdp-fin-rst")
+        except ProviderError as exc:
+            log.warning("reading teardown flags: %s", exc)
+            return
+        self._fin_rst_mark = mark
+
     def _fold_fast_counters(self) -> None:
         """Add what XDP forwarded since the last tick to each conn's counters.
 
         Entry counters are cumulative per map entry; a rewrite of the entry
         (neighbour MAC change, re-offload) restarts them at zero, so a count
         lower than last time is taken as "counted since the reset".
+
+        With a provider that reports what the aging tick saw move
+        (``last_touched`` / ``counters_of``), only those connections are read,
+        plus the ones of the tick before: XDP restamps last-used once per
+        coarse-clock tick, so packets after the previous read in the same
+        clock tick moved the counters but not the stamp. Anything idle for
+        two ticks has counters that did not change.
         """
-        if self.xdp is None:
+        xdp = self.xdp
+        if xdp is None:
             return
+        last = getattr(xdp, "last_touched", None)
+        read = getattr(xdp, "counters_of", None)
+        incremental = last is not None and read is not None
         try:
-            rows = self.xdp.counters()
+            if incremental:
+                moved = set(last())
+                rows = read(moved | self._fast_prev)
+            else:
+                rows = xdp.counters()
         except ProviderError as exc:
             log.warning("reading fast-path counters: %s", exc)
             return
-        seen: dict[Any, tuple[tuple[int, int], tuple[int, int]]] = {}
+        seen = self._fast_seen if incremental else {}
         for ctx, pk, by in rows:
             conn = ctx.conn
             old = self._fast_seen.get(ctx, ((0, 0), (0, 0)))
@@ -579,6 +620,12 @@ class Daemon:
             ext["fast"] = (pk, by)
             conn.ext = ext
         self._fast_seen = seen
+        if incremental:
+            self._fast_prev = moved
+            if len(seen) > self._fast_prune_at:  # drop conns XDP no longer holds
+                self._fast_seen = {c: v for c, v in seen.items()
+                                   if xdp.slot_of(c) is not None}
+                self._fast_prune_at = 2 * len(self._fast_seen) + 4096
 
     # -- events ------------------------------------------------------------------
     def _on_neigh(self, ifindex: int, addr: bytes, old: bytes | None, new: bytes | None) -> None:

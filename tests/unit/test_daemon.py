@@ -29,6 +29,7 @@ from tests.unit.fakes import (
     FakeClock,
     FakeLinks,
     FakeXdp,
+    FakeXdpTouched,
     TcpFlow,
     a,
     mac,
@@ -92,7 +93,8 @@ def write_config(path: Path, doc: dict[str, Any] | None = None) -> dict[str, Any
 def rig(tmp_path):
     made: list[Daemon] = []
 
-    def make(doc: dict[str, Any] | None = None, *, xdp: bool = False) -> SimpleNamespace:
+    def make(doc: dict[str, Any] | None = None, *, xdp: bool = False,
+             touched: bool = False) -> SimpleNamespace:
         path = tmp_path / "ctxdp.toml"
         write_config(path, doc)
         clock = FakeClock(1000.0)
@@ -100,7 +102,8 @@ def rig(tmp_path):
         made.append(d)
         ports, router, neigh = topology()
         links = FakeLinks()
-        prov = FakeXdp() if xdp else DummyProvider()
+        xdp = xdp or touched
+        prov = (FakeXdpTouched() if touched else FakeXdp()) if xdp else DummyProvider()
         d.assemble(ports, router, neigh, links, [prov], xdp=prov if xdp else None,
                    port_addr=lambda n, f: PORT_ADDR.get((n, f)))
         return SimpleNamespace(d=d, clock=clock, prov=prov, router=router, neigh=neigh,
@@ -190,6 +193,58 @@ def test_tick_ends_offload_of_connections_xdp_flagged_fin_rst(rig):
     assert not r.prov.holds(conn) and not r.d.mgr.is_offloaded(conn)
     assert r.d.mgr.stats["withdrawn"] == {"xdp-fin-rst": 1}
     assert r.d.ct.get(0, conn.orig) is conn  # the slow path finishes the teardown
+
+
+def test_tick_with_touched_provider_expires_idle_and_keeps_busy_connection(rig):
+    """Touched-only aging: fast-path traffic keeps a conn; the idle one expires on time."""
+    r = rig(touched=True)
+    busy, _ = establish(r, 40001)
+    idle, _ = establish(r, 40002)
+    r.prov.touch(idle, r.clock.advance(10))  # t=1010: idle's last packet
+    for _ in range(12):  # t=1020..1130
+        r.prov.touch(busy, r.clock.advance(5))
+        r.d.tick(r.clock.advance(5))
+        assert r.d.ct.get(0, busy.orig) is busy
+        assert (r.d.ct.get(0, idle.orig) is idle) == (r.clock() < 1110.0)
+    assert r.prov.holds(busy) and not r.prov.holds(idle)
+
+
+def test_tick_with_touched_provider_folds_counters_of_moved_connections_only(rig):
+    """Only conns whose last-used moved (this tick or the one before) have counters read."""
+    r = rig(touched=True)
+    c1, _ = establish(r, 40001)
+    c2, _ = establish(r, 40002)
+    x1, x2 = r.d.mgr.ctx(c1), r.d.mgr.ctx(c2)
+    base = list(c1.pkts)
+    r.prov.set_counters(x1, (5, 3), (500, 300))
+    r.prov.touch(c1, r.clock.advance(1))
+    r.d.tick(r.clock.advance(1))
+    assert r.prov.counter_reads[-1] == {id(x1)}
+    assert c1.pkts == [base[0] + 5, base[1] + 3]
+    r.prov.set_counters(x1, (7, 3), (700, 300))  # same coarse-clock tick: no new stamp
+    r.d.tick(r.clock.advance(1))
+    assert r.prov.counter_reads[-1] == {id(x1)} and c1.pkts == [base[0] + 7, base[1] + 3]
+    r.d.tick(r.clock.advance(1))
+    assert r.prov.counter_reads[-1] == set() and id(x2) not in set().union(
+        *r.prov.counter_reads)
+    r.prov.set_counters(x1, (2, 0), (200, 0))  # entry rewritten: counters restarted
+    r.prov.touch(c1, r.clock.advance(1))
+    r.d.tick(r.clock.advance(1))
+    assert c1.pkts == [base[0] + 9, base[1] + 3]
+
+
+def test_tick_scans_teardown_flags_only_when_fin_rst_punts_moved(rig):
+    """The flow-map flag scan runs on the first tick and then only after a FIN/RST punt."""
+    r = rig(touched=True)
+    conn, _ = establish(r)
+    r.d.tick(r.clock.advance(1))
+    r.d.tick(r.clock.advance(1))
+    assert r.prov.scans == 1
+    r.prov.flagged.append(r.d.mgr.ctx(conn))
+    r.prov.prog_stats["punt_fin_rst"] += 1
+    r.d.tick(r.clock.advance(1))
+    assert r.prov.scans == 2 and not r.d.mgr.is_offloaded(conn)
+    assert r.d.mgr.stats["withdrawn"] == {"xdp-fin-rst": 1}
 
 
 # -- reload: merged-flow validity --------------------------------------------------------
