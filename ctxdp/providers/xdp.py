@@ -106,6 +106,7 @@ _V64 = _VS // 8
 _FLAGS_I = L.VAL_OFF["flags"] // 4
 _SLOT_I = L.VAL_OFF["slot"] // 4
 _CNT_Q = L.CNT_OFF // 8  # slot c: packets at _CNT_Q + 2c, bytes at _CNT_Q + 2c + 1
+_CNT = struct.Struct(f"={2 * L.CNT_SLOTS}Q")  # the counter slots: (packets, bytes) each
 
 
 #: A map key as the indexes hold it: the packed key bytes of its family's map
@@ -806,19 +807,21 @@ class XdpProvider(Provider):
         snap, by_slot, step = self._lu_snap, self._by_slot, self.TOUCH_CHUNK
         sv = memoryview(snap)
         out: list[tuple[OffloadCtx, float]] = []
-        for off in range(0, len(snap), step):
-            cur = mm[off : off + step]  # one copy, so compare and snapshot agree
-            if cur == sv[off : off + step]:  # memcmp: the common, idle case
+        size = len(snap)  # the mmap is page-rounded: never read past max_conns
+        for off in range(0, size, step):
+            end = min(off + step, size)
+            cur = mm[off:end]  # one copy, so compare and snapshot agree
+            if cur == sv[off:end]:  # memcmp: the common, idle case
                 continue
             new = memoryview(cur).cast("Q").tolist()
-            old = sv[off : off + step].cast("Q").tolist()
+            old = sv[off:end].cast("Q").tolist()
             base = off // 8
             for i, v in enumerate(new):
                 if v != old[i] and v:
                     h = by_slot[base + i]
                     if h is not None and h.ctx is not None:
                         out.append((h.ctx, v / 1e9))
-            sv[off : off + step] = cur
+            sv[off:end] = cur
         sv.release()
         self._recent = [c for c, _t in out]
         return out
@@ -846,9 +849,9 @@ class XdpProvider(Provider):
                     raw = bpfsys.map_lookup(self._flows[_FAM_OF_KS[len(k)]], k, _VS)
                     if raw is None:
                         continue
-                    q = memoryview(raw).cast("Q")
-                    pk[d] = sum(q[_CNT_Q + 2 * c] for c in range(L.CNT_SLOTS))
-                    by[d] = sum(q[_CNT_Q + 2 * c + 1] for c in range(L.CNT_SLOTS))
+                    cnt = _CNT.unpack_from(raw, L.CNT_OFF)
+                    pk[d] = sum(cnt[0::2])
+                    by[d] = sum(cnt[1::2])
                 out.append((ctx, (pk[0], pk[1]), (by[0], by[1])))
         except OSError as exc:
             raise ProviderError(_errno_of(exc), f"reading flow counters: {exc}") from exc

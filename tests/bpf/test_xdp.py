@@ -557,10 +557,14 @@ def test_fin_flags_the_connection_for_teardown(prov, xports):
     assert prov.stats()["punt_fin_rst"] >= 1
 
 
-def test_touched_reports_only_connections_the_program_restamped(prov, xports, monkeypatch):
+@pytest.mark.parametrize("chunk", [4096, 64], ids=["past-the-end", "several-chunks"])
+def test_touched_reports_only_connections_the_program_restamped(prov, xports, monkeypatch,
+                                                                chunk):
     """touched() reports a conn once per new last-used stamp; idle ones never;
     counters_of() and stat() read just those entries / that counter."""
-    monkeypatch.setattr(prov, "TOUCH_CHUNK", 64)  # several chunks over the 64 slots
+    # 64 slots = 512 bytes: one chunk reaching past the end (the mmap is a
+    # whole page), or eight chunks.
+    monkeypatch.setattr(prov, "TOUCH_CHUNK", chunk)
     ctx, other = make_ctx(xports, 0), make_ctx(xports, 1)
     prov.conn_add(ctx)
     prov.conn_add(other)
