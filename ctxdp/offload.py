@@ -187,21 +187,6 @@ def _same_dir(a: FlowDir, b: FlowDir) -> bool:
 _Intent = tuple[OpKind, "ConnOffload | None", "frozenset[str] | None", Any]
 
 
-def _resolved(ctx: OffloadCtx) -> bool:
-    """``ctx.resolved`` without the generator (hot path)."""
-    d0, d1 = ctx.dirs
-    return (
-        d0 is not None
-        and d1 is not None
-        and d0.dst_mac is not None
-        and d1.dst_mac is not None
-        and d0.src_mac is not None
-        and d1.src_mac is not None
-        and d0.out_ifindex > 0
-        and d1.out_ifindex > 0
-    )
-
-
 class _Entry:
     """A registered provider and its switch."""
 
@@ -520,7 +505,7 @@ class OffloadManager(CtObserver):
                     continue
                 # Judged at enqueue; judge again only if the config changed
                 # since, or a next hop went away meanwhile.
-                r = self._verdict(ctx) if arg != gen or not _resolved(ctx) else ""
+                r = self._verdict(ctx) if arg != gen or not ctx.resolved else ""
                 if not r and not held and cap is not None and self._n_offloaded + new >= cap:
                     r = Reason.CAP
                 if r:
@@ -778,7 +763,7 @@ class OffloadManager(CtObserver):
             return r
         if not self._n_enabled:
             return Reason.NO_PROVIDER
-        if not _resolved(ctx):
+        if not ctx.resolved:
             return Reason.NEIGH_UNRESOLVED
         return ""
 

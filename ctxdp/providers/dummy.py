@@ -133,21 +133,6 @@ class DummyProvider(Provider):
         return 0
 
     @staticmethod
-    def _complete(ctx: OffloadCtx) -> bool:
-        """Both directions present with next hop and egress port (``ctx.resolved``)."""
-        d0, d1 = ctx.dirs
-        return (
-            d0 is not None
-            and d1 is not None
-            and d0.dst_mac is not None
-            and d1.dst_mac is not None
-            and d0.src_mac is not None
-            and d1.src_mac is not None
-            and d0.out_ifindex > 0
-            and d1.out_ifindex > 0
-        )
-
-    @staticmethod
     def key(ctx: OffloadCtx) -> Key:
         return (ctx.zone, ctx.orig)
 
@@ -197,7 +182,7 @@ class DummyProvider(Provider):
         held = self.held
         if k in held:
             return errno.EEXIST
-        if not self._complete(ctx):
+        if not ctx.resolved:
             return errno.EAGAIN
         if self.capacity is not None and len(held) >= self.capacity:
             return errno.ENOSPC
@@ -229,7 +214,7 @@ class DummyProvider(Provider):
         k = self.key(ctx)
         if k not in self.held:
             return errno.ENOENT
-        if not self._complete(ctx):
+        if not ctx.resolved:
             return errno.EAGAIN
         self.held[k] = ctx
         return 0
@@ -275,7 +260,7 @@ class DummyProvider(Provider):
                 op.err = err
             return
         fast = not (self.record or self.delay or self._next or self._rules)
-        held, cap, complete = self.held, self.capacity, self._complete
+        held, cap = self.held, self.capacity
         for op in batch.ops:
             kind = op.kind
             if fast and kind is OpKind.ADD:  # native path: no per-op call overhead
@@ -283,7 +268,7 @@ class DummyProvider(Provider):
                 k = (ctx.zone, ctx.orig)  # type: ignore[union-attr]
                 if k in held:
                     op.err = errno.EEXIST
-                elif not complete(ctx):  # type: ignore[arg-type]
+                elif not ctx.resolved:  # type: ignore[union-attr]
                     op.err = errno.EAGAIN
                 elif cap is not None and len(held) >= cap:
                     op.err = errno.ENOSPC
