@@ -67,6 +67,7 @@ __all__ = [
     "lab_leftovers",
     "leftover_namespaces",
     "pump",
+    "remove_pin_dir",
     "run",
 ]
 
@@ -455,6 +456,25 @@ def lab_leftovers(uid: str) -> list[str]:
     return out
 
 
+def remove_pin_dir(path: str) -> None:
+    """Unlink every pin in ``path`` and the directory itself, if present.
+
+    A daemon that is killed (or fails to shut down) leaves its pinned maps;
+    unpinning is what releases them in the kernel.
+    """
+    if not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        try:
+            os.unlink(os.path.join(path, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 class NetnsLab(Lab):
     """A ``Lab`` on namespaces of this machine; see the module contract."""
 
@@ -502,16 +522,7 @@ class NetnsLab(Lab):
             super().close()  # agents, then the daemon: SIGTERM so it unpins
         finally:
             self.topo.close()
-            if os.path.isdir(self.pin_dir):  # the daemon was killed: its pins stay
-                for name in os.listdir(self.pin_dir):
-                    try:
-                        os.unlink(os.path.join(self.pin_dir, name))
-                    except OSError:
-                        pass
-                try:
-                    os.rmdir(self.pin_dir)
-                except OSError:
-                    pass
+            remove_pin_dir(self.pin_dir)  # the daemon was killed: its pins stay
             shutil.rmtree(self._workdir, ignore_errors=True)
 
     def leftovers(self) -> list[str]:

@@ -51,6 +51,7 @@ from typing import Any
 
 import pytest
 
+from ctxdp.lab.netns import remove_pin_dir
 from tests.privileged import require_bcc
 
 pytestmark = pytest.mark.privileged
@@ -199,16 +200,7 @@ class ExampleRouter:
             if os.path.isdir(self.pin_dir):
                 self.pins_left_by_daemon = sorted(os.listdir(self.pin_dir)) or ["(empty dir)"]
         self.topo.close()
-        if os.path.isdir(self.pin_dir):  # the daemon failed to unpin: clean up anyway
-            for name in os.listdir(self.pin_dir):
-                try:
-                    os.unlink(os.path.join(self.pin_dir, name))
-                except OSError:
-                    pass
-            try:
-                os.rmdir(self.pin_dir)
-            except OSError:
-                pass
+        remove_pin_dir(self.pin_dir)  # the daemon failed to unpin: clean up anyway
         shutil.rmtree(self.workdir, ignore_errors=True)
         return self.leftovers()
 
