@@ -30,8 +30,10 @@ esac
 command -v apt-get >/dev/null || die "apt-get not found"
 
 KVER="$(uname -r)"
-PKGS=(python3-bpfcc python3-venv python3-pip iproute2 ethtool nftables conntrack
-      libbpf1 iputils-ping procps kmod)
+# gcc + python3-dev build ctxdp's one C extension (the batch-install packer,
+# ctxdp/providers/_fastadd.c) when the venv installs ctxdp.
+PKGS=(python3-bpfcc python3-venv python3-pip python3-dev gcc iproute2 ethtool nftables
+      conntrack libbpf1 iputils-ping procps kmod)
 [ "${ID}" = ubuntu ] && PKGS=("${PKGS[@]/libbpf1/libbpf0}")
 # The test extras also check the Vagrant lab files: ruby -c parses the
 # Vagrantfile, vagrant validate checks it, shellcheck lints the provisioning
@@ -112,11 +114,16 @@ fi
   || die "Debian's python3 is older than 3.11"
 
 stamp="$VENV/.ctxdp-installed"
-want="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)-$EXTRAS"
+# Reinstall when the project or the C extension's sources change (the
+# editable install compiles ctxdp/providers/_fastadd.c against bpf/ct_offload.h).
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/ctxdp/providers/_fastadd.c" "$ROOT/bpf/ct_offload.h" \
+        | sha256sum | cut -c1-16)-$EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing ctxdp[$EXTRAS] into the venv"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${ROOT}[${EXTRAS}]"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c 'import bcc, pyroute2, psutil' || die "venv cannot import bcc/pyroute2/psutil"
+"$VENV/bin/python" -c 'import ctxdp.providers._fastadd' \
+  || die "the C extension ctxdp.providers._fastadd was not built (gcc/python3-dev?)"
 log "ready: $VENV"

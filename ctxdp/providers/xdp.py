@@ -78,7 +78,20 @@ from typing import Any
 
 from ctxdp import bpfsys
 from ctxdp.providers import xdp_layout as L
-from ctxdp.providers.base import Batch, OffloadCtx, Op, OpKind, Provider, ProviderError
+from ctxdp.providers.base import (
+    Batch,
+    FlowDir,
+    OffloadCtx,
+    Op,
+    OpKind,
+    Provider,
+    ProviderError,
+)
+
+try:  # the compiled common case of _add_run (ctxdp/providers/_fastadd.c)
+    from ctxdp.providers import _fastadd as _FASTADD
+except ImportError:  # not built (no compiler at install time): Python does it all
+    _FASTADD = None
 
 __all__ = ["BPF_DIR", "FlowRow", "XdpProvider"]
 
@@ -119,7 +132,8 @@ _DUP = object()  # _prepare_special: the connection is already in this run
 class _Held:
     """One connection's footprint in the map: its slot, the keys written, its
     ctx (None for an orphan adopted from a previous run) and the ADD run
-    (``gen``) that last wrote it."""
+    (``gen``) that last wrote it. ``_fastadd`` makes them without calling
+    ``__init__`` (it sets the four slots): keep ``__init__`` to that."""
 
     __slots__ = ("slot", "keys", "ctx", "gen")
 
@@ -132,13 +146,17 @@ class _Held:
         self.gen = gen
 
 
+if _FASTADD is not None:
+    _FASTADD.bind(Op, OffloadCtx, FlowDir, _Held)
+
+
 class _Pending:
     """One family's share of an ADD run: ops in buffer order (op i owns keys
     2i and 2i+1 and the values at ``vbuf[i * 2 * VAL_SIZE:]``), keys a
     rewrite or claim replaces (by op index), and the writes under way
     (futures or failure lists)."""
 
-    __slots__ = ("fam", "written", "keys", "vbuf", "olds", "pushes")
+    __slots__ = ("fam", "written", "keys", "vbuf", "olds", "pushes", "pushed")
 
     def __init__(self, fam: int, vbuf: bytearray) -> None:
         self.fam = fam
@@ -147,6 +165,7 @@ class _Pending:
         self.vbuf = vbuf
         self.olds: dict[int, tuple] = {}
         self.pushes: list[Any] = []
+        self.pushed = 0  # ops [0, pushed) are handed to the kernel already
 
 
 @dataclass(slots=True, frozen=True)
@@ -936,20 +955,26 @@ class XdpProvider(Provider):
     #: ADD runs at least this many connections long are written in chunks of
     #: this size by a helper thread while the caller packs the next chunk:
     #: the GIL is released during bpf(2), so kernel inserts (about half a
-    #: microsecond per entry) overlap Python's packing.
+    #: microsecond per entry) overlap the packing.
     PIPELINE_CHUNK = 8192
+    #: Use the compiled common case of ADD runs when it is built (tests and
+    #: bench/xdp_cost.py turn it off to compare with the Python path).
+    compiled_add = True
 
     def _add_run(self, run: list[Op]) -> None:
         """Index, pack and write a run of ADDs (one update-batch per family and
         chunk).
 
-        The common case (a new connection whose keys nobody owns) is inlined:
-        this loop is what the batched install rate rests on. Keys come out of
-        the packer as bytes, serve as index keys as they are, and are joined
-        into the kernel's buffer per chunk; values are packed straight into a
-        per-family buffer kept across runs. Index changes are made
-        optimistically and undone for the connections the kernel refused, so
-        every op ends either fully installed or absent.
+        The common case (a new connection whose keys nobody owns) is what
+        the batched install rate rests on: ``_fastadd.add_new`` (compiled)
+        does it for as many consecutive ops as it can, and every op it stops
+        at goes through ``one`` below, the Python definition of every case
+        (and the whole loop when the extension is not built). Keys serve as
+        index keys as they are and are joined into the kernel's buffer per
+        chunk; values are packed straight into a per-family buffer kept
+        across runs. Index changes are made optimistically and undone for the
+        connections the kernel refused, so every op ends either fully
+        installed or absent.
         """
         self._gen += 1
         gen = self._gen
@@ -964,9 +989,12 @@ class XdpProvider(Provider):
                 self._vbufs[fam] = bytearray(vs2 * len(run))
         p4, p6 = _Pending(4, self._vbufs[4]), _Pending(6, self._vbufs[6])
         dups: list[tuple[Op, Op]] = []
-        eagain = new = 0
+        counts = [0, 0]  # new connections, EAGAIN
         EAGAIN, PRIV, KS4 = errno.EAGAIN, _PRIV, L.KEY4_SIZE  # noqa: N806 - hoisted constants
-        for op in run:
+
+        def one(op: Op) -> _Pending | None:
+            """Install one op the Python way; the family's _Pending if it was
+            written, None when its errno is set (or it is a duplicate)."""
             ctx = op.ctx
             d0, d1 = ctx.dirs  # type: ignore[union-attr]
             if (
@@ -980,8 +1008,8 @@ class XdpProvider(Provider):
                 or d1.out_ifindex <= 0
             ):
                 op.err = EAGAIN
-                eagain += 1
-                continue
+                counts[1] += 1
+                return None
             # Pack first, with the slot a new connection would get, into the
             # IPv4 buffer (moved to the IPv6 one below if that is the family).
             slot = free[-1] if free else 0
@@ -993,7 +1021,7 @@ class XdpProvider(Provider):
                 # of two families / protocols.
                 op.err = errno.EINVAL
                 self._c["add_errors"] += 1
-                continue
+                return None
             if len(k0) == KS4:
                 p = p4
             else:
@@ -1023,7 +1051,7 @@ class XdpProvider(Provider):
                 lu[slot] = 0  # type: ignore[index]  # a new connection was never seen
                 by_slot[slot] = h
                 ctx.priv[PRIV] = h  # type: ignore[union-attr]
-                new += 1
+                counts[0] += 1
             else:
                 try:
                     r = special(ctx, held, k0, k1, o0, o1)  # type: ignore[arg-type]
@@ -1031,10 +1059,10 @@ class XdpProvider(Provider):
                     r = _errno_of(exc)
                 if r is _DUP:
                     dups.append((op, next(w for w in p.written if w.ctx is ctx)))
-                    continue
+                    return None
                 if type(r) is int:
                     op.err = r
-                    continue
+                    return None
                 h, old = r
                 if old:
                     p.olds[len(p.written)] = old
@@ -1043,18 +1071,44 @@ class XdpProvider(Provider):
             op.err = 0
             p.written.append(op)
             p.keys += (k0, k1)
-            if chunk and len(p.written) % chunk == 0:
-                p.pushes.append(self._push_async(p, len(p.written) - chunk, len(p.written)))
+            return p
+
+        def pipeline(p: _Pending) -> None:
+            """Hand every full chunk of ``p`` to the writer thread."""
+            while len(p.written) - p.pushed >= chunk:
+                p.pushes.append(self._push_async(p, p.pushed, p.pushed + chunk))
+                p.pushed += chunk
+
+        fast = _FASTADD.add_new if _FASTADD is not None and self.compiled_add else None
+        i, n = 0, len(run)
+        while i < n:
+            if fast is not None:
+                stop = min(n, i + chunk) if chunk else n
+                j, k = fast(run, i, stop, p4, p6, owner, free, 0, lu, by_slot, gen, PRIV, _VS)
+                if k:
+                    del free[len(free) - k :]
+                    counts[0] += k
+                if chunk:
+                    pipeline(p4)
+                    pipeline(p6)
+                if j == stop:
+                    i = j
+                    continue
+                i = j
+            p = one(run[i])
+            if chunk and p is not None:
+                pipeline(p)
+            i += 1
+        new, eagain = counts
         self._n_held += new
         self._c["adds"] += new
         self._c["eagain"] += eagain
         for p in (p4, p6):
+            n = len(p.written)
+            if p.pushed < n:
+                p.pushes.append(self._push(p, p.pushed, n))
             if not p.written:
                 continue
-            n = len(p.written)
-            pushed = (n // chunk) * chunk if chunk else 0
-            if pushed < n:
-                p.pushes.append(self._push(p, pushed, n))
             failed = [f for q in p.pushes for f in (q if isinstance(q, list) else q.result())]
             self._settle(p.written, p.olds, failed)
         for op, f in dups:

@@ -96,6 +96,15 @@ def xports():
             shutil.rmtree(p, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", autouse=True, params=["compiled-add", "python-add"])
+def add_path(request):
+    """Every test runs twice: ADD runs through the compiled common case
+    (ctxdp/providers/_fastadd.c) and through the Python definition alone."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(XdpProvider, "compiled_add", request.param == "compiled-add")
+        yield request.param
+
+
 @pytest.fixture
 def make(xports):
     """Factory of providers on unique pin dirs; every one is closed (keep off),
@@ -121,7 +130,7 @@ def make(xports):
 
 
 @pytest.fixture(scope="module")
-def shared(xports):
+def shared(xports, add_path):
     """One started provider for the map-operation tests (compiled once)."""
     require_bcc()
     p = XdpProvider([xports.a, xports.b], max_conns=64, pin_dir=f"{PIN_PREFIX}-shared")

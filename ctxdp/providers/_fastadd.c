@@ -1,0 +1,603 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* _fastadd.c — the compiled common case of XdpProvider._add_run.
+ *
+ * Contract:
+ *   bind(op_type, ctx_type, dir_type, held_type) -> None
+ *     once, before add_new: the slotted classes whose fields add_new reads
+ *     and writes in place (by their member offsets, found here; an instance
+ *     of any other type, a subclass included, is left to Python).
+ *     ``held_type`` instances are made without calling its __init__: their
+ *     four slots (slot, keys, ctx, gen) are set directly.
+ *   add_new(run, i, stop, p4, p6, owner, free, used, lu, by_slot,
+ *           gen, priv_key, val_size) -> (j, new)
+ *
+ *   Walks run[i:stop] (Op objects of kind ADD) and installs, in Python's
+ *   indexes and the family's pending buffers, every op that is the common
+ *   case: a new connection (no ``priv_key`` entry in ctx.priv), both
+ *   directions resolved, of one family (4 or 6) and protocol, with fields
+ *   of the right size and range, whose two keys are distinct and owned by
+ *   nobody, while a free slot is left. It stops at the first op that is
+ *   anything else and returns its index ``j`` (== stop when it got through),
+ *   having changed nothing for that op: ``XdpProvider`` handles it with the
+ *   Python code, which is the definition of every uncommon case. ``new`` is
+ *   the number of connections it installed.
+ *
+ *   For each op it handles it does exactly what the Python common path
+ *   does: the two keys and values are those of xdp_layout.conn_entries_into
+ *   (checked byte for byte by tests/unit/test_fastadd.py), values are
+ *   written at p.vbuf[len(p.written) * 2 * val_size], the slot is
+ *   free[len(free) - 1 - used - k] for the k-th op handled (the caller
+ *   deletes the consumed tail of ``free`` afterwards: an array cannot be
+ *   resized while this borrows its buffer), lu[slot] = 0, by_slot[slot] =
+ *   owner[k0] = owner[k1] = ctx.priv[priv_key] = held_type(slot, (k0, k1),
+ *   ctx, gen), op.err = 0, p.written.append(op), p.keys += (k0, k1).
+ *
+ * Why C: this loop is what the batched install rate rests on. In Python it
+ * costs ~3.5 us per connection, three times what the kernel needs for the
+ * two hash inserts (which run meanwhile in XdpProvider's writer thread), so
+ * Python alone kept the rate near 250k connections/s.
+ *
+ * Layouts come from bpf/ct_offload.h (the one definition); only the part of
+ * struct ct_flow_val before the per-CPU counters is used here, since the
+ * counter slot count is a property of the machine the provider runs on
+ * (``val_size`` is passed in).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <arpa/inet.h>
+#include <linux/types.h>
+
+#include "ct_offload.h"
+
+#include "structmember.h"
+
+#define IPPROTO_ICMP_ 1
+#define IPPROTO_ICMPV6_ 58
+
+/* Interned attribute names of _Pending, made once at import. */
+static PyObject *s_written, *s_keys, *s_vbuf;
+static PyObject *zero;
+
+/* The bound classes and the byte offsets of their slots (bind()). Reading a
+ * slot in place is a load; PyObject_GetAttr is a type lookup and a
+ * descriptor call, and this loop reads 18 of them per connection. */
+static PyTypeObject *op_type, *ctx_type, *dir_type, *held_type;
+static Py_ssize_t off_op_ctx, off_op_err, off_ctx_priv, off_ctx_dirs;
+static Py_ssize_t off_in_ifindex, off_match, off_out, off_out_ifindex, off_src_mac,
+	off_dst_mac, off_mtu;
+static Py_ssize_t off_h_slot, off_h_keys, off_h_ctx, off_h_gen;
+
+#define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+/* The slot of ``o`` at ``off`` (borrowed); NULL when unset. */
+static inline PyObject *get(PyObject *o, Py_ssize_t off)
+{
+	return SLOT(o, off);
+}
+
+/* Store a new reference to ``v`` in the slot of ``o`` at ``off``. */
+static inline void put(PyObject *o, Py_ssize_t off, PyObject *v)
+{
+	PyObject *old = SLOT(o, off);
+	Py_INCREF(v);
+	SLOT(o, off) = v;
+	Py_XDECREF(old);
+}
+
+/* One direction, read out of a FlowDir. Everything borrowed from it stays
+ * alive as long as the FlowDir (held by the ctx, held by the op). */
+struct dir {
+	long fam, proto;
+	const uint8_t *msrc, *mdst, *osrc, *odst; /* addr_len bytes each */
+	long msp, mdp, osp, odp;                  /* host order */
+	uint32_t in_ifindex, out_ifindex;
+	const uint8_t *smac, *dmac;
+	uint16_t mtu;
+};
+
+/* A Python int in [lo, hi] into *out; 0 if it is not one (no exception). */
+static int int_in(PyObject *o, long lo, long hi, long *out)
+{
+	if (!PyLong_CheckExact(o))
+		return 0;
+	int overflow;
+	long v = PyLong_AsLongAndOverflow(o, &overflow);
+	if (overflow || (v == -1 && PyErr_Occurred())) {
+		PyErr_Clear();
+		return 0;
+	}
+	if (v < lo || v > hi)
+		return 0;
+	*out = v;
+	return 1;
+}
+
+static int bytes_of(PyObject *o, Py_ssize_t len, const uint8_t **out)
+{
+	if (!PyBytes_CheckExact(o) || PyBytes_GET_SIZE(o) != len)
+		return 0;
+	*out = (const uint8_t *)PyBytes_AS_STRING(o);
+	return 1;
+}
+
+/* The tuple (family, proto, src, dst, sport, dport) ``t`` into the match or
+ * out part of ``d``. 1 if it fits the common case, 0 if not, -1 on error. */
+static int tuple_into(PyObject *t, int is_out, struct dir *d)
+{
+	if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 6)
+		return 0;
+	long fam, proto, sp, dp;
+	if (!int_in(PyTuple_GET_ITEM(t, 0), 4, 6, &fam) || (fam != 4 && fam != 6))
+		return 0;
+	if (!int_in(PyTuple_GET_ITEM(t, 1), 0, 255, &proto))
+		return 0;
+	if (!int_in(PyTuple_GET_ITEM(t, 4), 0, 65535, &sp) ||
+	    !int_in(PyTuple_GET_ITEM(t, 5), 0, 65535, &dp))
+		return 0;
+	Py_ssize_t alen = fam == 4 ? 4 : 16;
+	const uint8_t *src, *dst;
+	if (!bytes_of(PyTuple_GET_ITEM(t, 2), alen, &src) ||
+	    !bytes_of(PyTuple_GET_ITEM(t, 3), alen, &dst))
+		return 0;
+	if (is_out) {
+		if (fam != d->fam || proto != d->proto)
+			return 0;
+		d->osrc = src, d->odst = dst, d->osp = sp, d->odp = dp;
+	} else {
+		d->fam = fam, d->proto = proto;
+		d->msrc = src, d->mdst = dst, d->msp = sp, d->mdp = dp;
+	}
+	return 1;
+}
+
+/* Read FlowDir ``fd`` into ``d``; 1 if it fits the common case, else 0. */
+static int dir_of(PyObject *fd, struct dir *d)
+{
+	PyObject *v;
+	long n;
+	if (Py_TYPE(fd) != dir_type)
+		return 0; /* None (unresolved) or a type bind() did not see */
+	if (!(v = get(fd, off_dst_mac)) || !bytes_of(v, 6, &d->dmac))
+		return 0;
+	if (!(v = get(fd, off_src_mac)) || !bytes_of(v, 6, &d->smac))
+		return 0;
+	if (!(v = get(fd, off_out_ifindex)) || !int_in(v, 1, UINT32_MAX, &n))
+		return 0;
+	d->out_ifindex = (uint32_t)n;
+	if (!(v = get(fd, off_in_ifindex)) || !int_in(v, 0, UINT32_MAX, &n))
+		return 0;
+	d->in_ifindex = (uint32_t)n;
+	if (!(v = get(fd, off_mtu)) || !int_in(v, 0, 65535, &n))
+		return 0;
+	d->mtu = (uint16_t)n;
+	if (!(v = get(fd, off_match)) || tuple_into(v, 0, d) != 1)
+		return 0;
+	return (v = get(fd, off_out)) != NULL && tuple_into(v, 1, d) == 1;
+}
+
+/* Sum of the native 16-bit words of ``len`` bytes (len even). */
+static int64_t words(const uint8_t *p, int len)
+{
+	int64_t s = 0;
+	for (int i = 0; i < len; i += 2) {
+		uint16_t w;
+		memcpy(&w, p + i, 2);
+		s += w;
+	}
+	return s;
+}
+
+/* Python's x % 0xffff (never negative). */
+static uint32_t mod_ffff(int64_t x)
+{
+	int64_t r = x % 0xFFFF;
+	return (uint32_t)(r < 0 ? r + 0xFFFF : r);
+}
+
+/* Flags and both checksum deltas of one direction, as conn_entries_into
+ * computes them (see bpf/ct_offload.h for what the deltas mean). */
+static void dir_val(const struct dir *d, int alen, uint16_t ttl_word, uint32_t slot,
+		    struct ct_flow_val *v)
+{
+	int s = memcmp(d->msrc, d->osrc, alen) != 0;
+	int t = memcmp(d->mdst, d->odst, alen) != 0;
+	int64_t a = 0;
+	if (s)
+		a += words(d->osrc, alen) - words(d->msrc, alen);
+	if (t)
+		a += words(d->odst, alen) - words(d->mdst, alen);
+	uint16_t hmsp = htons((uint16_t)d->msp), hmdp = htons((uint16_t)d->mdp);
+	uint16_t hosp = htons((uint16_t)d->osp), hodp = htons((uint16_t)d->odp);
+	uint32_t flags, l4;
+	if (d->proto == IPPROTO_ICMP_ || d->proto == IPPROTO_ICMPV6_) {
+		/* One echo identifier: its change is charged to SNAT unless only
+		 * the destination moves. */
+		flags = (s ? CT_F_SNAT : 0) | (t ? CT_F_DNAT : 0);
+		int64_t pd = 0;
+		if (d->msp != d->osp) {
+			if (!flags)
+				flags = CT_F_SNAT;
+			pd = (int64_t)hosp - hmsp;
+		}
+		l4 = mod_ffff(d->proto == IPPROTO_ICMP_ ? pd : a + pd);
+	} else {
+		flags = ((s || d->msp != d->osp) ? CT_F_SNAT : 0) |
+			((t || d->mdp != d->odp) ? CT_F_DNAT : 0);
+		l4 = flags ? mod_ffff(a + hosp - hmsp + hodp - hmdp) : 0;
+	}
+	memset(v, 0, offsetof(struct ct_flow_val, cnt));
+	v->flags = flags;
+	v->out_ifindex = d->out_ifindex;
+	memcpy(v->smac, d->smac, 6);
+	memcpy(v->dmac, d->dmac, 6);
+	v->mtu = d->mtu;
+	memcpy(v->nat_src, d->osrc, alen);
+	memcpy(v->nat_dst, d->odst, alen);
+	v->nat_sport = hosp;
+	v->nat_dport = hodp;
+	v->l3_csum_delta = d->fam == 4 ? mod_ffff(a - (int64_t)ttl_word) : 0;
+	v->l4_csum_delta = l4;
+	v->slot = slot;
+}
+
+/* The map key of direction ``d`` as a new bytes object. */
+static PyObject *dir_key(const struct dir *d)
+{
+	if (d->fam == 4) {
+		struct ct_flow_key4 k;
+		memset(&k, 0, sizeof(k));
+		k.ifindex = d->in_ifindex;
+		memcpy(&k.src, d->msrc, 4);
+		memcpy(&k.dst, d->mdst, 4);
+		k.sport = htons((uint16_t)d->msp);
+		k.dport = htons((uint16_t)d->mdp);
+		k.proto = (__u8)d->proto;
+		return PyBytes_FromStringAndSize((const char *)&k, sizeof(k));
+	}
+	struct ct_flow_key k;
+	memset(&k, 0, sizeof(k));
+	k.ifindex = d->in_ifindex;
+	k.family = CT_FAMILY_V6;
+	k.proto = (__u8)d->proto;
+	k.sport = htons((uint16_t)d->msp);
+	k.dport = htons((uint16_t)d->mdp);
+	memcpy(k.src, d->msrc, 16);
+	memcpy(k.dst, d->mdst, 16);
+	return PyBytes_FromStringAndSize((const char *)&k, sizeof(k));
+}
+
+/* The pending-run state of one family, borrowed from its _Pending. */
+struct pend {
+	PyObject *written, *keys, *vbuf;
+};
+
+static int pend_of(PyObject *p, struct pend *out)
+{
+	out->written = PyObject_GetAttr(p, s_written);
+	out->keys = PyObject_GetAttr(p, s_keys);
+	out->vbuf = PyObject_GetAttr(p, s_vbuf);
+	if (!out->written || !out->keys || !out->vbuf)
+		return -1;
+	if (!PyList_CheckExact(out->written) || !PyList_CheckExact(out->keys) ||
+	    !PyByteArray_CheckExact(out->vbuf)) {
+		PyErr_SetString(PyExc_TypeError, "_Pending must hold two lists and a bytearray");
+		return -1;
+	}
+	return 0;
+}
+
+static void pend_drop(struct pend *p)
+{
+	Py_CLEAR(p->written);
+	Py_CLEAR(p->keys);
+	Py_CLEAR(p->vbuf);
+}
+
+/* Prefetching. A batch install reads ~20 objects per connection (op, ctx,
+ * its dirs list, two FlowDirs, four tuples, their addresses and ports),
+ * scattered over the heap and cold when the connections were set up a while
+ * ago (a restart re-offloading its table, a large burst): one cache miss
+ * after another, because each pointer comes out of the previous object.
+ * Stage s of op i + PF_DIST * (PF_STAGES - s) prefetches depth s of that
+ * op's object graph (op, ctx, its priv dict and dirs list, the list's
+ * items, the FlowDirs, their tuples, the tuples' addresses and ports); the pointers it follows were prefetched by the stage
+ * before, a few ops earlier. Only types bind() saw are followed. */
+#define PF_STAGES 7
+#define PF_DIST 2
+
+static inline void pf(const void *p)
+{
+	__builtin_prefetch(p, 0, 3);
+}
+
+static void prefetch_stage(PyObject *run, Py_ssize_t i, int stage)
+{
+	if (i >= PyList_GET_SIZE(run))
+		return;
+	PyObject *op = PyList_GET_ITEM(run, i);
+	if (stage == 0) {
+		pf(op);
+		return;
+	}
+	if (Py_TYPE(op) != op_type)
+		return;
+	PyObject *ctx = get(op, off_op_ctx);
+	if (!ctx)
+		return;
+	if (stage == 1) {
+		pf(ctx);
+		pf((char *)ctx + 64);
+		return;
+	}
+	if (Py_TYPE(ctx) != ctx_type)
+		return;
+	PyObject *dirs = get(ctx, off_ctx_dirs), *priv = get(ctx, off_ctx_priv);
+	if (stage == 2) {
+		pf(priv);
+		pf(dirs);
+		return;
+	}
+	if (!dirs || !PyList_CheckExact(dirs) || PyList_GET_SIZE(dirs) != 2)
+		return;
+	if (stage == 3) {
+		pf(((PyListObject *)dirs)->ob_item);
+		return;
+	}
+	for (int k = 0; k < 2; k++) {
+		PyObject *d = PyList_GET_ITEM(dirs, k);
+		if (stage == 4) {
+			pf(d);
+			pf((char *)d + 64);
+			continue;
+		}
+		if (Py_TYPE(d) != dir_type)
+			continue;
+		PyObject *t[2] = {get(d, off_match), get(d, off_out)};
+		for (int j = 0; j < 2; j++) {
+			if (!t[j])
+				continue;
+			if (stage == 5) {
+				pf(t[j]);
+				continue;
+			}
+			if (!PyTuple_CheckExact(t[j]) || PyTuple_GET_SIZE(t[j]) != 6)
+				continue;
+			for (int f = 2; f < 6; f++) /* addresses and ports */
+				pf(PyTuple_GET_ITEM(t[j], f));
+		}
+	}
+}
+
+/* A new held_type instance for a connection (new reference). */
+static PyObject *held_new(PyObject *slot, PyObject *keys, PyObject *ctx, PyObject *gen)
+{
+	PyObject *h = held_type->tp_alloc(held_type, 0);
+	if (!h)
+		return NULL;
+	put(h, off_h_slot, slot);
+	put(h, off_h_keys, keys);
+	put(h, off_h_ctx, ctx);
+	put(h, off_h_gen, gen);
+	return h;
+}
+
+/* Outcome of one op: 1 handled, 0 left to Python, -1 error. */
+static int one(PyObject *op, struct pend *pends, PyObject *owner, const uint32_t *free_slots,
+	       Py_ssize_t *nfree, uint64_t *lu, Py_ssize_t lu_len, PyObject *by_slot,
+	       PyObject *gen, PyObject *priv_key, Py_ssize_t vs, uint16_t ttl_word)
+{
+	PyObject *k0 = NULL, *k1 = NULL, *h = NULL, *pair = NULL, *slot_obj = NULL;
+	int ret = -1, r;
+	struct dir d0, d1;
+
+	if (*nfree == 0 || Py_TYPE(op) != op_type)
+		return 0;
+	PyObject *ctx = get(op, off_op_ctx);
+	if (!ctx || Py_TYPE(ctx) != ctx_type)
+		return 0;
+	PyObject *priv = get(ctx, off_ctx_priv), *dirs = get(ctx, off_ctx_dirs);
+	if (!priv || !PyDict_CheckExact(priv) || !dirs || !PyList_CheckExact(dirs) ||
+	    PyList_GET_SIZE(dirs) != 2)
+		return 0;
+	r = PyDict_Contains(priv, priv_key);
+	if (r != 0)
+		return r < 0 ? -1 : 0;
+	if (!dir_of(PyList_GET_ITEM(dirs, 0), &d0) || !dir_of(PyList_GET_ITEM(dirs, 1), &d1))
+		return 0;
+	if (d0.fam != d1.fam || d0.proto != d1.proto)
+		return 0;
+	uint32_t slot = free_slots[*nfree - 1];
+	if ((Py_ssize_t)slot >= lu_len || (Py_ssize_t)slot >= PyList_GET_SIZE(by_slot))
+		return 0;
+	struct pend *p = &pends[d0.fam == 4 ? 0 : 1];
+	Py_ssize_t voff = PyList_GET_SIZE(p->written) * 2 * vs;
+	if (voff + 2 * vs > PyByteArray_GET_SIZE(p->vbuf))
+		return 0; /* the caller sized it for the run: never happens */
+	/* The objects above are owned by op (held by the caller's run list) and
+	 * nothing below runs Python code until the keys are claimed. */
+	if (!(k0 = dir_key(&d0)) || !(k1 = dir_key(&d1)))
+		goto out;
+	if (PyBytes_GET_SIZE(k0) == PyBytes_GET_SIZE(k1) &&
+	    memcmp(PyBytes_AS_STRING(k0), PyBytes_AS_STRING(k1), PyBytes_GET_SIZE(k0)) == 0) {
+		ret = 0;
+		goto out;
+	}
+	if (!(slot_obj = PyLong_FromUnsignedLong(slot)) || !(pair = PyTuple_Pack(2, k0, k1)) ||
+	    !(h = held_new(slot_obj, pair, ctx, gen)))
+		goto out;
+	/* Claim both keys with one hash each; back out on a clash. */
+	PyObject *o0 = PyDict_SetDefault(owner, k0, h);
+	if (!o0)
+		goto out;
+	if (o0 != h) {
+		ret = 0;
+		goto out;
+	}
+	PyObject *o1 = PyDict_SetDefault(owner, k1, h);
+	if (!o1 || o1 != h) {
+		if (PyDict_DelItem(owner, k0) < 0)
+			goto out;
+		ret = o1 ? 0 : -1;
+		goto out;
+	}
+	/* From here on the op is ours: nothing below backs out. */
+	char *vb = PyByteArray_AS_STRING(p->vbuf) + voff;
+	memset(vb, 0, 2 * vs);
+	int alen = d0.fam == 4 ? 4 : 16;
+	dir_val(&d0, alen, ttl_word, slot, (struct ct_flow_val *)vb);
+	dir_val(&d1, alen, ttl_word, slot, (struct ct_flow_val *)(vb + vs));
+	lu[slot] = 0; /* a new connection was never seen */
+	Py_INCREF(h);
+	if (PyList_SetItem(by_slot, slot, h) < 0 || PyDict_SetItem(priv, priv_key, h) < 0 ||
+	    PyList_Append(p->written, op) < 0 || PyList_Append(p->keys, k0) < 0 ||
+	    PyList_Append(p->keys, k1) < 0)
+		goto out;
+	put(op, off_op_err, zero);
+	(*nfree)--;
+	ret = 1;
+out:
+	Py_XDECREF(k0);
+	Py_XDECREF(k1);
+	Py_XDECREF(pair);
+	Py_XDECREF(slot_obj);
+	Py_XDECREF(h);
+	return ret;
+}
+
+static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+	(void)self;
+	if (nargs != 13) {
+		PyErr_SetString(PyExc_TypeError, "add_new takes 13 arguments");
+		return NULL;
+	}
+	if (!held_type) {
+		PyErr_SetString(PyExc_RuntimeError, "add_new: bind() first");
+		return NULL;
+	}
+	PyObject *run = args[0], *owner = args[5], *by_slot = args[9];
+	PyObject *gen = args[10], *priv_key = args[11];
+	Py_ssize_t i = PyLong_AsSsize_t(args[1]), stop = PyLong_AsSsize_t(args[2]);
+	Py_ssize_t used = PyLong_AsSsize_t(args[7]), vs = PyLong_AsSsize_t(args[12]);
+	if (PyErr_Occurred())
+		return NULL;
+	if (!PyList_CheckExact(run) || !PyDict_CheckExact(owner) || !PyList_CheckExact(by_slot)) {
+		PyErr_SetString(PyExc_TypeError, "add_new: run/by_slot must be lists, owner a dict");
+		return NULL;
+	}
+	if (vs < (Py_ssize_t)offsetof(struct ct_flow_val, cnt) || stop > PyList_GET_SIZE(run) ||
+	    i < 0 || used < 0) {
+		PyErr_SetString(PyExc_ValueError, "add_new: bad index or value size");
+		return NULL;
+	}
+	struct pend pends[2] = {{0}};
+	Py_buffer fb = {0}, lb = {0};
+	PyObject *res = NULL;
+	Py_ssize_t new = 0;
+	if (pend_of(args[3], &pends[0]) < 0 || pend_of(args[4], &pends[1]) < 0)
+		goto out;
+	/* ``free`` is an array('I') of slots, ``lu`` the writable memoryview
+	 * ('Q') over the mmap'ed ct_last_used: both used in place. */
+	if (PyObject_GetBuffer(args[6], &fb, PyBUF_SIMPLE) < 0)
+		goto out;
+	if (PyObject_GetBuffer(args[8], &lb, PyBUF_WRITABLE) < 0)
+		goto out;
+	Py_ssize_t nfree = fb.len / 4 - used;
+	if (nfree < 0) {
+		PyErr_SetString(PyExc_ValueError, "add_new: used > len(free)");
+		goto out;
+	}
+	uint16_t ttl_word; /* the TTL/protocol word drops by bytes [1, 0] */
+	memcpy(&ttl_word, "\x01\x00", 2);
+	for (; i < stop; i++) {
+		for (int st = 0; st < PF_STAGES; st++)
+			prefetch_stage(run, i + PF_DIST * (PF_STAGES - st), st);
+		int r = one(PyList_GET_ITEM(run, i), pends, owner, (const uint32_t *)fb.buf,
+			    &nfree, (uint64_t *)lb.buf, lb.len / 8, by_slot, gen, priv_key, vs,
+			    ttl_word);
+		if (r < 0)
+			goto out;
+		if (r == 0)
+			break;
+		new++;
+	}
+	res = Py_BuildValue("(nn)", i, new);
+out:
+	if (fb.obj)
+		PyBuffer_Release(&fb);
+	if (lb.obj)
+		PyBuffer_Release(&lb);
+	pend_drop(&pends[0]);
+	pend_drop(&pends[1]);
+	return res;
+}
+
+/* The offset of object slot ``name`` of ``tp``; -1 with an exception if it
+ * is not a plain object slot (a __slots__ entry or slots=True field). */
+static Py_ssize_t slot_offset(PyTypeObject *tp, const char *name)
+{
+	PyObject *d = PyDict_GetItemString(tp->tp_dict, name); /* borrowed */
+	if (!d || Py_TYPE(d) != &PyMemberDescr_Type ||
+	    ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+		PyErr_Format(PyExc_TypeError, "%s.%s is not a __slots__ field", tp->tp_name, name);
+		return -1;
+	}
+	return ((PyMemberDescrObject *)d)->d_member->offset;
+}
+
+static PyObject *bind_types(PyObject *self, PyObject *args)
+{
+	(void)self;
+	PyTypeObject *t[4];
+	if (!PyArg_ParseTuple(args, "O!O!O!O!", &PyType_Type, &t[0], &PyType_Type, &t[1],
+			      &PyType_Type, &t[2], &PyType_Type, &t[3]))
+		return NULL;
+	struct {
+		Py_ssize_t *off;
+		int type;
+		const char *name;
+	} fields[] = {
+		{&off_op_ctx, 0, "ctx"},          {&off_op_err, 0, "err"},
+		{&off_ctx_priv, 1, "priv"},       {&off_ctx_dirs, 1, "dirs"},
+		{&off_in_ifindex, 2, "in_ifindex"}, {&off_match, 2, "match"},
+		{&off_out, 2, "out"},             {&off_out_ifindex, 2, "out_ifindex"},
+		{&off_src_mac, 2, "src_mac"},     {&off_dst_mac, 2, "dst_mac"},
+		{&off_mtu, 2, "mtu"},             {&off_h_slot, 3, "slot"},
+		{&off_h_keys, 3, "keys"},         {&off_h_ctx, 3, "ctx"},
+		{&off_h_gen, 3, "gen"},
+	};
+	for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++)
+		if ((*fields[i].off = slot_offset(t[fields[i].type], fields[i].name)) < 0)
+			return NULL;
+	PyTypeObject **bound[4] = {&op_type, &ctx_type, &dir_type, &held_type};
+	for (int i = 0; i < 4; i++) {
+		Py_INCREF(t[i]);
+		Py_XSETREF(*bound[i], t[i]);
+	}
+	Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+	{"bind", bind_types, METH_VARARGS, "Bind the slotted classes add_new works on."},
+	{"add_new", (PyCFunction)(void (*)(void))add_new, METH_FASTCALL,
+	 "Install the common-case ADDs of a run; see the module contract."},
+	{NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+	PyModuleDef_HEAD_INIT, "_fastadd",
+	"The compiled common case of XdpProvider._add_run (see _fastadd.c).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__fastadd(void)
+{
+	if (!(s_written = PyUnicode_InternFromString("written")) ||
+	    !(s_keys = PyUnicode_InternFromString("keys")) ||
+	    !(s_vbuf = PyUnicode_InternFromString("vbuf")) || !(zero = PyLong_FromLong(0)))
+		return NULL;
+	return PyModule_Create(&module);
+}

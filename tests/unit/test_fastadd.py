@@ -1,0 +1,182 @@
+"""ctxdp.providers._fastadd (the compiled common case of XdpProvider._add_run)
+against its Python definition: the same keys and value bytes as
+xdp_layout.conn_entries_into, the same index updates, and a clean stop, with
+nothing changed, at every op that is not the common case.
+
+No kernel needed: the function works on the provider's Python state (the
+buffers, the key index, the slot allocator, a ct_last_used view), built here.
+Tests with the kernel, for both ADD paths, are in tests/bpf/test_xdp.py.
+"""
+
+from __future__ import annotations
+
+import array
+import random
+
+import pytest
+
+from ctxdp.conntrack.flowtuple import FlowTuple
+from ctxdp.providers import xdp_layout as L
+from ctxdp.providers.base import FlowDir, OffloadCtx, Op, OpKind
+from ctxdp.providers.xdp import _FASTADD, _PRIV, _Held, _Pending
+
+VS = L.VAL_SIZE
+MAC = [bytes([2, 0, 0, 0, 0, i]) for i in range(4)]
+
+
+def test_the_extension_is_built():
+    """scripts/setup.sh builds the extension; without it installs run at Python speed."""
+    assert _FASTADD is not None, "ctxdp.providers._fastadd is not built (gcc, python3-dev?)"
+
+
+pytestmark = pytest.mark.skipif(_FASTADD is None, reason="extension not built (test above fails)")
+
+
+class State:
+    """The XdpProvider state add_new works on, for ``n`` slots."""
+
+    def __init__(self, n: int, run_len: int) -> None:
+        self.p4 = _Pending(4, bytearray(2 * VS * run_len))
+        self.p6 = _Pending(6, bytearray(2 * VS * run_len))
+        self.owner: dict[bytes, _Held] = {}
+        self.free = array.array("I", range(n - 1, -1, -1))
+        self.lu_buf = bytearray(b"\xff" * 8 * n)  # "stamped": a new slot must be zeroed
+        self.lu = memoryview(self.lu_buf).cast("Q")
+        self.by_slot: list[_Held | None] = [None] * n
+
+    def add(self, ops: list[Op], i: int = 0) -> tuple[int, int]:
+        return _FASTADD.add_new(  # type: ignore[union-attr]
+            ops, i, len(ops), self.p4, self.p6, self.owner, self.free, 0, self.lu,
+            self.by_slot, 7, _PRIV, VS,
+        )  # fmt: skip
+
+
+def conn(rng: random.Random, fam: int, proto: int, nat: str) -> OffloadCtx:
+    """A random connection of ``fam``/``proto`` with ``nat`` in none/snat/dnat."""
+    alen = 4 if fam == 4 else 16
+    a, b, pub = (rng.randbytes(alen) for _ in range(3))
+    echo = proto in (1, 58)
+    sp = rng.choice([0, 1, 80, 0x1234, 65535, rng.randrange(65536)])
+    dp = sp if echo else rng.randrange(65536)
+    np_ = rng.randrange(65536)
+    orig = FlowTuple(fam, proto, a, b, sp, dp)
+    if nat == "snat":
+        reply = FlowTuple(fam, proto, b, pub, dp if not echo else np_, np_)
+    elif nat == "dnat":
+        reply = FlowTuple(fam, proto, pub, a, np_, np_ if echo else sp)
+    else:
+        reply = orig.reverse()
+    d0 = FlowDir(3, orig, reply.reverse(), 4, MAC[0], MAC[1], rng.choice([1280, 1500, 9000]))
+    d1 = FlowDir(4, reply, orig.reverse(), 3, MAC[2], MAC[3], 1500)
+    return OffloadCtx(conn=None, zone=0, orig=orig, reply=reply, dirs=[d0, d1])
+
+
+def mixed(n: int, seed: int = 1) -> list[OffloadCtx]:
+    rng = random.Random(seed)
+    kinds = [(4, 6), (4, 17), (4, 1), (6, 6), (6, 17), (6, 58)]
+    return [conn(rng, *rng.choice(kinds), rng.choice(["none", "snat", "dnat"])) for _ in range(n)]
+
+
+def test_entries_and_indexes_match_the_python_definition():
+    """Keys, value bytes, slots and every index update equal the Python path's."""
+    ctxs = mixed(300)
+    ops = [Op(OpKind.ADD, c, err=-1) for c in ctxs]
+    st = State(512, len(ops))
+    assert st.add(ops) == (300, 300)
+    seen = {4: 0, 6: 0}
+    for i, (op, ctx) in enumerate(zip(ops, ctxs, strict=True)):
+        slot = i  # free[-1] first, as the Python path pops it
+        want = bytearray(2 * VS)
+        k0, k1 = L.conn_entries_into(want, 0, ctx.dirs[0], ctx.dirs[1], slot)
+        p = st.p4 if len(k0) == L.KEY4_SIZE else st.p6
+        j = seen[p.fam]
+        seen[p.fam] += 1
+        assert p.written[j] is op and p.keys[2 * j : 2 * j + 2] == [k0, k1]
+        assert p.vbuf[2 * VS * j : 2 * VS * (j + 1)] == want, f"values of op {i}"
+        h = ctx.priv[_PRIV]
+        assert (h.slot, h.keys, h.ctx, h.gen) == (slot, (k0, k1), ctx, 7)
+        assert st.owner[k0] is h and st.owner[k1] is h and st.by_slot[slot] is h
+        assert st.lu[slot] == 0 and op.err == 0
+    assert (len(st.p4.written), len(st.p6.written)) == (seen[4], seen[6])
+    assert len(st.free) == 512  # the caller trims the consumed tail
+    assert st.lu[400] == 2**64 - 1  # slots not handed out are left alone
+
+
+def _bad_cases() -> dict[str, object]:
+    def unresolved(c, st):
+        c.dirs[1].dst_mac = None
+
+    def one_direction(c, st):
+        c.dirs[1] = None
+
+    def held(c, st):
+        c.priv[_PRIV] = object()
+
+    def key_owned(c, st):
+        k0, k1 = L.conn_entries_into(bytearray(2 * VS), 0, c.dirs[0], c.dirs[1], 0)
+        st.owner[k1] = _Held(99, (k1,), None)
+
+    def same_key_twice(c, st):
+        c.dirs[1] = c.dirs[0]
+
+    def two_families(c, st):
+        c.dirs[1] = mixed(1, seed=9)[0].dirs[1]
+        c.dirs[1].match = c.dirs[1].match._replace(family=6, src=bytes(16), dst=bytes(16))
+
+    def short_mac(c, st):
+        c.dirs[0].src_mac = b"\x02\x00"
+
+    def big_mtu(c, st):
+        c.dirs[0].mtu = 70000
+
+    def port_out_of_range(c, st):
+        c.dirs[0].match = c.dirs[0].match._replace(sport=70000)
+
+    def bool_ifindex(c, st):
+        c.dirs[0].in_ifindex = True
+
+    def subclass(c, st):
+        class Ctx(OffloadCtx):
+            __slots__ = ()
+
+        return Ctx(conn=None, zone=0, orig=c.orig, reply=c.reply, dirs=c.dirs)
+
+    return {f.__name__: f for f in (unresolved, one_direction, held, key_owned,
+                                    same_key_twice, two_families, short_mac, big_mtu,
+                                    port_out_of_range, bool_ifindex, subclass)}
+
+
+@pytest.mark.parametrize("case", sorted(_bad_cases()))
+def test_stops_at_an_uncommon_op_without_touching_it(case):
+    """An op that is not the common case ends the call at its index, unchanged."""
+    good, bad, after = mixed(3, seed=5)
+    bad.dirs = [d for d in bad.dirs]
+    st = State(16, 3)
+    replaced = _bad_cases()[case](bad, st)
+    if replaced is not None:
+        bad = replaced
+    ops = [Op(OpKind.ADD, c, err=-1) for c in (good, bad, after)]
+    owned = dict(st.owner)
+    priv = dict(bad.priv)
+    assert st.add(ops) == (1, 1)
+    assert ops[1].err == -1 and bad.priv == priv
+    assert {k: v for k, v in st.owner.items() if k not in good.priv[_PRIV].keys} == owned
+    assert st.by_slot.count(None) == 15
+    assert st.add(ops, 2) == (3, 1)  # and it resumes after it
+
+
+def test_no_free_slot_handles_nothing():
+    """With the allocator empty every op is left to Python (ENOSPC there)."""
+    ops = [Op(OpKind.ADD, c, err=-1) for c in mixed(2)]
+    st = State(4, 2)
+    st.free = array.array("I")
+    assert st.add(ops) == (0, 0)
+    assert [o.err for o in ops] == [-1, -1] and not st.owner
+
+
+def test_runs_out_of_slots_part_way():
+    """It hands out the free slots it was given, then stops."""
+    ops = [Op(OpKind.ADD, c, err=-1) for c in mixed(5)]
+    st = State(3, 5)
+    assert st.add(ops) == (3, 3)
+    assert sorted(c.priv[_PRIV].slot for c in (o.ctx for o in ops[:3])) == [0, 1, 2]
