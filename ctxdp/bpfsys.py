@@ -75,6 +75,7 @@ _BPF_OBJ_GET = 7
 _BPF_PROG_TEST_RUN = 10
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_MAP_LOOKUP_BATCH = 24
+_BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 _BPF_MAP_UPDATE_BATCH = 26
 _BPF_MAP_DELETE_BATCH = 27
 
@@ -556,6 +557,25 @@ def map_lookup_batch(
     Hash maps walk bucket by bucket; a bucket larger than ``chunk`` makes the
     kernel answer ENOSPC, and the chunk is doubled and retried.
     """
+    return _walk_batch(fd, key_size, value_size, chunk, _BPF_MAP_LOOKUP_BATCH,
+                       "MAP_LOOKUP_BATCH")
+
+
+def map_lookup_and_delete_batch(
+    fd: int,
+    key_size: int,
+    value_size: int,
+    *,
+    chunk: int = 4096,
+):
+    """``map_lookup_batch`` that deletes every element it returns
+    (BPF_MAP_LOOKUP_AND_DELETE_BATCH, hash maps, Linux 5.6+): empties the map
+    and hands back what each element held when it went."""
+    return _walk_batch(fd, key_size, value_size, chunk, _BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+                       "MAP_LOOKUP_AND_DELETE_BATCH")
+
+
+def _walk_batch(fd: int, key_size: int, value_size: int, chunk: int, cmd: int, what: str):
     token_size = max(key_size, 8)  # hash maps use a u32 bucket index as token
     in_tok = ctypes.create_string_buffer(token_size)
     out_tok = ctypes.create_string_buffer(token_size)
@@ -574,7 +594,7 @@ def map_lookup_batch(
         attr.map_fd = fd
         done = False
         try:
-            _bpf(_BPF_MAP_LOOKUP_BATCH, attr, "MAP_LOOKUP_BATCH")
+            _bpf(cmd, attr, what)
         except OSError as exc:
             if exc.errno == _errno.ENOENT:  # walked past the last element
                 done = True
