@@ -394,6 +394,34 @@ def map_lookup(fd: int, key, value_size: int) -> bytes | None:
     return out.raw
 
 
+def map_lookup_many(fd: int, keys, n: int, key_size: int, value_size: int
+                    ) -> tuple[bytearray, list[bool]]:
+    """Look up ``n`` packed keys: (their values packed in one buffer, found
+    flags). The kernel has no batch lookup by key, so this is one
+    BPF_MAP_LOOKUP_ELEM per key, but with one attr and one value buffer for
+    all of them: the per-key cost is the syscall, not ctypes set-up."""
+    if _SYS_BPF is None:  # pragma: no cover - depends on the machine
+        raise OSError(_errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
+    kaddr, kk = buffer_address(keys)
+    vals = bytearray(n * value_size)
+    vaddr, vk = buffer_address(vals)
+    attr = _ElemAttr()
+    attr.map_fd = fd
+    found = [True] * n
+    call, nr, cmd = _syscall, _SYS_BPF, _BPF_MAP_LOOKUP_ELEM
+    aaddr, asize = ctypes.addressof(attr), ctypes.sizeof(attr)
+    for i in range(n):
+        attr.key = kaddr + i * key_size
+        attr.value = vaddr + i * value_size
+        if call(nr, cmd, aaddr, asize) < 0:
+            err = ctypes.get_errno()
+            if err != _errno.ENOENT:
+                raise OSError(err, f"bpf(MAP_LOOKUP_ELEM): {os.strerror(err)}")
+            found[i] = False
+    del kk, vk
+    return vals, found
+
+
 def map_delete(fd: int, key) -> bool:
     """Delete one element; False if it was not there."""
     attr = _ElemAttr()
