@@ -813,10 +813,9 @@ class XdpProvider(Provider):
         if lu is None:
             raise ProviderError(errno.ENODEV, "xdp provider not started")
         try:
-            ns = [lu[c.priv[_PRIV].slot] for c in ctxs]
+            return [v / 1e9 if (v := lu[c.priv[_PRIV].slot]) else None for c in ctxs]
         except KeyError:
             raise ProviderError(errno.ENOENT, "connection not offloaded to xdp") from None
-        return [v / 1e9 if v else None for v in ns]
 
     #: fold_counters / DEL read a set of connections with one lookup-batch
     #: walk of the maps instead of one lookup per entry once the set has at
@@ -857,7 +856,23 @@ class XdpProvider(Provider):
                     self._collect(cur, keys, ks, vals, n, want)
         else:
             for h in hs:
-                cur[h.slot] = self._read_entries(h)
+                cur[h.slot] = [0, 0, 0, 0]
+            for fam, fd in self._flows.items():
+                ks = _KS[fam]
+                sel = [(h.slot, d, k) for h in hs for d, k in enumerate(h.keys[:2])
+                       if len(k) == ks]
+                if not sel:
+                    continue
+                vals, found = bpfsys.map_lookup_many(
+                    fd, b"".join(k for _s, _d, k in sel), len(sel), ks, _VS)
+                q = memoryview(vals).cast("Q")
+                for j, (slot, d, _k) in enumerate(sel):
+                    if found[j]:
+                        o = j * _V64 + _CNT_Q
+                        c = q[o : o + 2 * L.CNT_SLOTS]
+                        row = cur[slot]
+                        row[d] = sum(c[0::2])
+                        row[2 + d] = sum(c[1::2])
         return self._fold_into(cur)
 
     def _read_entries(self, h: _Held) -> list[int]:
