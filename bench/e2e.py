@@ -356,8 +356,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax = axes[1][1]
         pts = [(x["conns"], x["tick_wall_s"], x["tick_cpu_s"]) for x in sc.get("aging", [])]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="tick wall")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="s", label="tick CPU")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label="tick wall (worst case)")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="s",
+                    label="tick CPU (worst case)")
             ax.axhline(BARS["aging_1m_s"], color="r", ls="--", label="bar 1 s @ 1M")
             ax.set_xscale("log")
             ax.set_xlabel("offloaded connections")
