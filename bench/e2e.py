@@ -189,9 +189,9 @@ def verdicts(res: dict[str, Any]) -> dict[str, Any]:
         big = [x for x in sc.get("aging", []) if x["level"] >= 1_000_000]
         if big:
             x = big[-1]
-            out["aging_1m"] = {"bar": f"full daemon tick over 1M <= {BARS['aging_1m_s']} s",
+            out["aging_1m"] = {"bar": f"daemon tick over 1M, worst case <= {BARS['aging_1m_s']} s",
                                "tick_wall_s": x["tick_wall_s"],
-                               "age_plus_sweep_wall_s": x["age_plus_sweep_wall_s"],
+                               "cases_wall_s": {k: v["wall_s"] for k, v in x["cases"].items()},
                                "met": x["tick_wall_s"] <= BARS["aging_1m_s"]}
     return out
 
@@ -275,13 +275,16 @@ def report(res: dict[str, Any]) -> str:
                   f"{_fmt(s and s['cpu_s'] / s['wall_s'], 2):>10}"
                   f"{_fmt((c or s)['rss_mb'], 0):>9}")
             p("")
-            p("4. Aging: the daemon's tick (teardown flags, mgr.age, counter fold, ct.sweep, "
-              "retries) over offloaded connections, median")
-            p(f"{'conns':>10}{'tick wall s':>13}{'tick CPU s':>12}{'age+sweep s':>13}  parts (s)")
+            p("4. Aging: the daemon's tick (teardown flags, sweep of the connections due with "
+              "the lazy re-arm, retries), median; wall / CPU in s")
+            p("   busy: every slot restamped before the tick; idle: none; all-due: every "
+              "connection due in this tick and re-armed from a fresh stamp")
+            p(f"{'conns':>10}{'busy':>18}{'idle':>18}{'all-due':>18}{'first tick':>12}")
             for x in sc["aging"]:
-                parts = " ".join(f"{k}={v:.3f}" for k, v in x["parts_wall_s"].items())
-                p(f"{x['conns']:>10,}{x['tick_wall_s']:>13.3f}{x['tick_cpu_s']:>12.3f}"
-                  f"{x['age_plus_sweep_wall_s']:>13.3f}  {parts}")
+                cs = x["cases"]
+                cells = "".join(f"{cs[k]['wall_s']:>9.4f} /{cs[k]['cpu_s']:>7.3f}"
+                                for k in ("busy", "idle", "all-due"))
+                p(f"{x['conns']:>10,}{cells}{x['first_tick_wall_s']:>12.3f}")
     if rate and rate["median_mpps"].get(SLOW):
         v = rate["median_mpps"][SLOW]
         p("")
@@ -297,8 +300,8 @@ def report(res: dict[str, Any]) -> str:
         elif "p99_ms" in v:
             detail = f"p99 {_fmt(v['p99_ms'])} ms"
         elif "tick_wall_s" in v:
-            detail = (f"tick {v['tick_wall_s']:.3f} s (age+sweep "
-                      f"{v['age_plus_sweep_wall_s']:.3f} s)")
+            detail = "tick " + ", ".join(f"{k} {t:.3f}" for k, t in v["cases_wall_s"].items())
+            detail += " s"
         p(f"  {name:<22} {v['bar']:<58} {detail:<34} {'MET' if v['met'] else 'MISSED'}")
     return "\n".join(lines)
 
@@ -353,8 +356,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax = axes[1][1]
         pts = [(x["conns"], x["tick_wall_s"], x["tick_cpu_s"]) for x in sc.get("aging", [])]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="tick wall")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="s", label="tick CPU")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label="tick wall (worst case)")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="s",
+                    label="tick CPU (worst case)")
             ax.axhline(BARS["aging_1m_s"], color="r", ls="--", label="bar 1 s @ 1M")
             ax.set_xscale("log")
             ax.set_xlabel("offloaded connections")

@@ -75,6 +75,7 @@ _BPF_OBJ_GET = 7
 _BPF_PROG_TEST_RUN = 10
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_MAP_LOOKUP_BATCH = 24
+_BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 _BPF_MAP_UPDATE_BATCH = 26
 _BPF_MAP_DELETE_BATCH = 27
 
@@ -393,6 +394,34 @@ def map_lookup(fd: int, key, value_size: int) -> bytes | None:
     return out.raw
 
 
+def map_lookup_many(fd: int, keys, n: int, key_size: int, value_size: int
+                    ) -> tuple[bytearray, list[bool]]:
+    """Look up ``n`` packed keys: (their values packed in one buffer, found
+    flags). The kernel has no batch lookup by key, so this is one
+    BPF_MAP_LOOKUP_ELEM per key, but with one attr and one value buffer for
+    all of them: the per-key cost is the syscall, not ctypes set-up."""
+    if _SYS_BPF is None:  # pragma: no cover - depends on the machine
+        raise OSError(_errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
+    kaddr, kk = buffer_address(keys)
+    vals = bytearray(n * value_size)
+    vaddr, vk = buffer_address(vals)
+    attr = _ElemAttr()
+    attr.map_fd = fd
+    found = [True] * n
+    call, nr, cmd = _syscall, _SYS_BPF, _BPF_MAP_LOOKUP_ELEM
+    aaddr, asize = ctypes.addressof(attr), ctypes.sizeof(attr)
+    for i in range(n):
+        attr.key = kaddr + i * key_size
+        attr.value = vaddr + i * value_size
+        if call(nr, cmd, aaddr, asize) < 0:
+            err = ctypes.get_errno()
+            if err != _errno.ENOENT:
+                raise OSError(err, f"bpf(MAP_LOOKUP_ELEM): {os.strerror(err)}")
+            found[i] = False
+    del kk, vk
+    return vals, found
+
+
 def map_delete(fd: int, key) -> bool:
     """Delete one element; False if it was not there."""
     attr = _ElemAttr()
@@ -556,6 +585,25 @@ def map_lookup_batch(
     Hash maps walk bucket by bucket; a bucket larger than ``chunk`` makes the
     kernel answer ENOSPC, and the chunk is doubled and retried.
     """
+    return _walk_batch(fd, key_size, value_size, chunk, _BPF_MAP_LOOKUP_BATCH,
+                       "MAP_LOOKUP_BATCH")
+
+
+def map_lookup_and_delete_batch(
+    fd: int,
+    key_size: int,
+    value_size: int,
+    *,
+    chunk: int = 4096,
+):
+    """``map_lookup_batch`` that deletes every element it returns
+    (BPF_MAP_LOOKUP_AND_DELETE_BATCH, hash maps, Linux 5.6+): empties the map
+    and hands back what each element held when it went."""
+    return _walk_batch(fd, key_size, value_size, chunk, _BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+                       "MAP_LOOKUP_AND_DELETE_BATCH")
+
+
+def _walk_batch(fd: int, key_size: int, value_size: int, chunk: int, cmd: int, what: str):
     token_size = max(key_size, 8)  # hash maps use a u32 bucket index as token
     in_tok = ctypes.create_string_buffer(token_size)
     out_tok = ctypes.create_string_buffer(token_size)
@@ -574,7 +622,7 @@ def map_lookup_batch(
         attr.map_fd = fd
         done = False
         try:
-            _bpf(_BPF_MAP_LOOKUP_BATCH, attr, "MAP_LOOKUP_BATCH")
+            _bpf(cmd, attr, what)
         except OSError as exc:
             if exc.errno == _errno.ENOENT:  # walked past the last element
                 done = True

@@ -33,8 +33,15 @@ Contract:
 - One thread, one ``selectors`` loop: port sockets, the netlink event socket
   and the control socket are registered; each receive burst is processed
   inside one offload batch. Every ``aging_interval`` the aging tick runs:
-  last-used read-back, conntrack expiry, FIN/RST teardown flags from XDP,
-  fast-path counters folded into conntrack, pending offloads retried.
+  FIN/RST teardown flags from XDP (only after a FIN/RST punt), the conntrack
+  sweep of the connections due, whose offloaded ones are re-armed from the
+  fast path's last-used time instead of expiring while it still carries
+  them (lazy, ``ctxdp.conntrack.table``), and pending offloads retried. So a
+  tick costs the connections due, not the connections offloaded or busy.
+- Fast-path counters are folded into conntrack's on demand: for the
+  ``conntrack`` listing (which also refreshes the listed expiries from
+  last-used), for ``save_state``, and by the XDP provider just before it
+  deletes or rewrites an entry.
 - SIGHUP or ``ctxdp reload`` re-reads the config: a new firewall/NAT policy
   and eligibility policy. Every connection the new policy would not admit
   identically (NFP flower's merged-flow validity) is withdrawn from the fast
@@ -153,9 +160,6 @@ class Daemon:
         self.started_at = clock()
         self._pps_mark = (self.started_at, 0)
         self.pps = 0.0
-        self._fast_seen: dict[Any, tuple[tuple[int, int], tuple[int, int]]] = {}
-        self._fast_prev: set[Any] = set()  # conns whose counters the last tick read
-        self._fast_prune_at = 4096  # _fast_seen size that triggers a prune
         self._fin_rst_mark: int | None = None  # punt_fin_rst at the last flag scan
         self.xdp = None
         self.nl = self.ports = self.router = self.neigh = self.links = self.local = None
@@ -399,7 +403,7 @@ class Daemon:
         mgr = self.mgr
         with mgr.batch(now):
             mgr.age(now)  # expiry as of the fast path's last use
-        self._fold_fast_counters()
+        mgr.fold_counters()
         conns = self.ct.conns()
         rows = export_conns(self.ct, conns)
         meta = {"boot_id": _boot_id(), "pin_dir": self.cfg.offload.pin_dir, "saved_at": now,
@@ -532,13 +536,12 @@ class Daemon:
                 self.fwd.process(f, port, now)
 
     def tick(self, now: float) -> None:
-        """The aging interval: read-back, expiry, teardown flags, counters."""
+        """The aging interval: teardown flags, sweep of what is due (offloaded
+        connections re-armed from last-used), pending retries."""
         mgr = self.mgr
         with mgr.batch(now):
             if self.xdp is not None:
                 self._teardown_flagged(now)
-            mgr.age(now)
-            self._fold_fast_counters()
             self.ct.sweep(now)
             mgr.retry_pending(now)
         self.fwd.expire_queued(now)
@@ -574,58 +577,6 @@ class Daemon:
             log.warning("reading teardown flags: %s", exc)
             return
         self._fin_rst_mark = mark
-
-    def _fold_fast_counters(self) -> None:
-        """Add what XDP forwarded since the last tick to each conn's counters.
-
-        Entry counters are cumulative per map entry; a rewrite of the entry
-        (neighbour MAC change, re-offload) restarts them at zero, so a count
-        lower than last time is taken as "counted since the reset".
-
-        With a provider that reports what the aging tick saw move
-        (``last_touched`` / ``counters_of``), only those connections are read,
-        plus the ones of the tick before: XDP restamps last-used once per
-        coarse-clock tick, so packets after the previous read in the same
-        clock tick moved the counters but not the stamp. Anything idle for
-        two ticks has counters that did not change.
-        """
-        xdp = self.xdp
-        if xdp is None:
-            return
-        last = getattr(xdp, "last_touched", None)
-        read = getattr(xdp, "counters_of", None)
-        incremental = last is not None and read is not None
-        try:
-            if incremental:
-                moved = set(last())
-                rows = read(moved | self._fast_prev)
-            else:
-                rows = xdp.counters()
-        except ProviderError as exc:
-            log.warning("reading fast-path counters: %s", exc)
-            return
-        seen = self._fast_seen if incremental else {}
-        for ctx, pk, by in rows:
-            conn = ctx.conn
-            old = self._fast_seen.get(ctx, ((0, 0), (0, 0)))
-            for i in (0, 1):
-                if pk[i] >= old[0][i] and by[i] >= old[1][i]:
-                    conn.pkts[i] += pk[i] - old[0][i]
-                    conn.bytes[i] += by[i] - old[1][i]
-                else:  # the entry was rewritten: its counters restarted
-                    conn.pkts[i] += pk[i]
-                    conn.bytes[i] += by[i]
-            seen[ctx] = (pk, by)
-            ext = conn.ext if conn.ext is not None else {}
-            ext["fast"] = (pk, by)
-            conn.ext = ext
-        self._fast_seen = seen
-        if incremental:
-            self._fast_prev = moved
-            if len(seen) > self._fast_prune_at:  # drop conns XDP no longer holds
-                self._fast_seen = {c: v for c, v in seen.items()
-                                   if xdp.slot_of(c) is not None}
-                self._fast_prune_at = 2 * len(self._fast_seen) + 4096
 
     # -- events ------------------------------------------------------------------
     def _on_neigh(self, ifindex: int, addr: bytes, old: bytes | None, new: bytes | None) -> None:
@@ -705,7 +656,10 @@ class Daemon:
         if cmd == "conntrack":
             check_args(cmd, args, ("zone",))
             zone = int_arg(args, "zone", 0, 65535)
-            return {"conns": [self._conn_row(c) for c in self.ct.conns(zone)]}
+            conns = self.ct.conns(zone)
+            self.mgr.refresh(conns, self.clock())  # expiry as of the fast path's last use
+            self.mgr.fold_counters(conns)
+            return {"conns": [self._conn_row(c) for c in conns]}
         if cmd == "flows":
             check_args(cmd, args, ())
             return {"flows": self._flow_rows()}

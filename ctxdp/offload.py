@@ -55,6 +55,14 @@ Contract:
   ``retry_pending`` until it succeeds.
 - Tracker calls (``set_seq_check``, ``refresh``, ``flush``) are made after the
   lock is released, so a tracker that calls observers back cannot deadlock.
+- Aging is lazy (OVS conntrack style): the manager installs ``last_used`` as
+  the tracker's re-arm source (``ct.set_rearm``), so an offloaded
+  connection's last-used time is read only when its deadline comes, in bulk
+  per sweep; nothing is read per aging tick for connections that are not
+  due. ``age`` is the full O(offloaded) read-back, for state export.
+- Fast-path counters are folded into ``conn.pkts`` / ``conn.bytes`` on demand
+  (``fold_counters``: listings, state export); providers fold an entry's
+  counters themselves just before they delete or rewrite it.
 - ``stats["not_offloaded"][reason]`` counts each time a connection enters a
   refusal reason (``ctxdp.eligibility.Reason``); the two "not yet" reasons
   ``not-established`` and ``no-forwarding`` are counted only when a
@@ -65,8 +73,8 @@ Contract:
 Daemon-facing API: ``batch(now)`` / ``begin`` / ``commit``;
 ``set_forwarding`` (``flow_dir`` builds the ``FlowDir``),
 ``update_forwarding``, ``neigh_resolved``, ``neigh_gone``, ``retry_pending``,
-``age``, ``withdraw``, ``withdraw_where``, ``withdraw_ifindex``,
-``withdraw_mac``, ``flush``, ``enable`` / ``disable``, ``enable_provider`` /
+``age``, ``last_used``, ``refresh``, ``fold_counters``, ``withdraw``,
+``withdraw_where``, ``withdraw_ifindex``, ``withdraw_mac``, ``flush``, ``enable`` / ``disable``, ``enable_provider`` /
 ``disable_provider``, ``add_provider`` / ``remove_provider``, ``set_policy``,
 ``close``; lookups ``is_offloaded``, ``reason``, ``ctx``, ``offloaded``,
 ``pending``, ``stats``.
@@ -242,6 +250,9 @@ class OffloadManager(CtObserver):
         for p in providers:
             self.add_provider(p)
         ct.add_observer(self)
+        set_rearm = getattr(ct, "set_rearm", None)
+        if set_rearm is not None:  # lazy aging: the tracker asks at each deadline
+            set_rearm(self.last_used)
 
     # ------------------------------------------------------------------
     # registry and runtime configuration
@@ -1051,29 +1062,20 @@ class OffloadManager(CtObserver):
         return n
 
     def age(self, now: float) -> int:
-        """Aging tick: read every provider's last-used times of the connections
-        it holds (a provider with ``touched()`` reports only the connections
-        whose last-used moved since the previous tick: an unchanged stamp
-        means the expiry computed from it still stands; others are read whole,
-        ``batch_submit`` with UPD ops, else ``conn_update_many``),
-        refresh the tracker from the newest, and take connections whose read
-        failed back to the slow path (DEL to all holders). Failed DELs are
-        retried. Returns the number of connections refreshed."""
+        """Full read-back: read every provider's last-used times of all the
+        connections it holds (``batch_submit`` with UPD ops, else
+        ``conn_update_many``), refresh the tracker from the newest, and take
+        connections whose read failed back to the slow path (DEL to all
+        holders). Failed DELs are retried. Returns the number of connections
+        refreshed. O(offloaded): the aging tick does not call it (the tracker
+        asks ``last_used`` lazily, at each deadline); ``save_state`` does, so
+        the exported expiries are current."""
         best: dict[ConnOffload, float] = {}
         bad: set[ConnOffload] = set()
         touched: set[ConnOffload] = set()
         with self._lock:
             self._c["agings"] += 1
             for ent in list(self._entries.values()):
-                if not ent.held:
-                    continue
-                rows = self._read_touched(ent)
-                if rows is not None:  # O(changed): untouched conns keep their expiry
-                    for ctx, t in rows:
-                        self._c["updates"] += 1
-                        if t > best.get(ctx, float("-inf")):
-                            best[ctx] = t
-                    continue
                 ctxs = [c for c in ent.held if not c.dead]
                 if not ctxs:
                     continue
@@ -1112,26 +1114,143 @@ class OffloadManager(CtObserver):
                 log.exception("ct.refresh failed")
         return n
 
-    def _read_touched(self, ent: _Entry) -> list[tuple[ConnOffload, float]] | None:
-        """Last-used times of just the held connections whose stamp changed
-        since the previous aging, from a provider that offers ``touched()``;
-        None when it does not, or when the call failed (then the full
-        per-connection read runs and its errors take connections back to the
-        slow path as before)."""
-        fn = getattr(ent.provider, "touched", None)
-        if fn is None:
-            return None
+    def last_used(self, conns: list[Any], now: float) -> list[float | None]:
+        """The lazy re-arm source the tracker calls for connections whose
+        deadline came (``ct.set_rearm``; see ``ctxdp.conntrack.table``): per
+        connection, aligned with ``conns``, the newest last-used time among
+        the providers holding it, or None (not offloaded, or the fast path
+        never forwarded it). One ``conn_update_many`` per provider (the XDP
+        provider reads its mmap'ed slots: no syscall). A connection whose read
+        fails is taken back to the slow path (``aging-error``: DEL to all
+        holders, forwarding forgotten) and counts as used at ``now``, so it
+        gets one more timeout in the slow path instead of being cut while it
+        may be busy."""
+        out: list[float | None] = [None] * len(conns)
+        # Comprehensions, not a loop with appends: at 1M due connections
+        # (all created in the same second) this is a good part of the sweep.
+        ctxs = [x for c in conns
+                if (e := c.ext) and (x := e.get("offload")) is not None and x.held and not x.dead]
+        if not ctxs:
+            return out
+        bad: list[ConnOffload] = []
+        with self._lock:
+            entries = self._entries
+            if len(entries) == 1 and len(ctxs) == len(conns):
+                # The common case, written out: one provider holds them all.
+                (ent,) = entries.values()
+                errs, times = self._read_many(ent, ctxs)
+                if not any(errs):
+                    self._c["updates"] += len(ctxs)
+                    return times
+            if len(ctxs) == len(conns):
+                idx: list[int] = list(range(len(conns)))
+            else:
+                xs = [e.get("offload") if (e := c.ext) else None for c in conns]
+                idx = [i for i, x in enumerate(xs) if x is not None and x.held and not x.dead]
+            for ent in entries.values():
+                if not ent.held:
+                    continue
+                name = ent.name
+                if len(entries) == 1:
+                    mine, pos = ctxs, idx
+                else:
+                    sel = [k for k, c in enumerate(ctxs) if name in c.held]
+                    mine, pos = [ctxs[k] for k in sel], [idx[k] for k in sel]
+                if not mine:
+                    continue
+                for i, ctx, err, t in zip(pos, mine, *self._read_many(ent, mine), strict=True):
+                    if err:
+                        self._failures[errno_name(err)] += 1
+                        bad.append(ctx)
+                        out[i] = now
+                    elif t is not None:
+                        prev = out[i]
+                        if prev is None or t > prev:
+                            out[i] = t
+            self._c["updates"] += len(ctxs) - len(bad)
+        if bad:
+            for ctx in bad:
+                if ctx.held:
+                    self._withdraw_ctx(ctx, "aging-error", forget=True)
+            self._auto(now)
+        return out
+
+    def _read_many(
+        self, ent: _Entry, ctxs: list[ConnOffload]
+    ) -> tuple[list[int], list[float | None]]:
+        """(errnos, last-used times) of ``ctxs`` from one provider: one bulk
+        ``conn_update_many``, else one ``conn_update`` each (so one bad entry
+        does not hide the others)."""
         try:
-            rows = fn()
-        except ProviderError as e:
-            self._failures[errno_name(e.errno or _errno.EIO)] += 1
-            return None
+            res = list(ent.provider.conn_update_many(ctxs))
+            if len(res) != len(ctxs):
+                raise ValueError("conn_update_many returned a wrong number of results")
+            return [0] * len(ctxs), res
         except Exception:
-            self._provider_raised(ent, "touched")
-            return None
-        held = ent.held
-        return [(c, t) for c, t in rows
-                if c in held and not c.dead and t is not None]  # type: ignore[misc]
+            pass
+        errs: list[int] = []
+        times: list[float | None] = []
+        for ctx in ctxs:
+            try:
+                times.append(ent.provider.conn_update(ctx))
+                errs.append(0)
+            except ProviderError as e:
+                times.append(None)
+                errs.append(e.errno or _errno.EIO)
+            except Exception:
+                self._provider_raised(ent, "conn_update")
+                times.append(None)
+                errs.append(_errno.EIO)
+        return errs, times
+
+    def refresh(self, conns: list[Any], now: float) -> int:
+        """Push the tracker's expiry of ``conns`` to what the fast path last
+        saw (``last_used`` + ``ct.refresh``), e.g. before listing them; the
+        lazy re-arm would do it anyway at their deadline. Returns how many
+        moved."""
+        n = 0
+        for conn, t in zip(conns, self.last_used(conns, now), strict=True):
+            if t is not None:
+                try:
+                    self.ct.refresh(conn, t)
+                    n += 1
+                except Exception:
+                    self._c["tracker_errors"] += 1
+                    log.exception("ct.refresh failed")
+        return n
+
+    def fold_counters(self, conns: Iterable[Any] | None = None) -> int:
+        """Add what the fast path forwarded since the last fold to the
+        connections' ``pkts`` / ``bytes`` now: of ``conns``, or (None) of every
+        offloaded connection, through each provider's optional
+        ``fold_counters``. Counters are folded on demand (conntrack listing,
+        state export) and by the providers themselves just before an entry is
+        deleted or rewritten, never per aging tick. Returns the number of
+        (provider, connection) folds."""
+        n = 0
+        with self._lock:
+            for ent in self._entries.values():
+                fn = getattr(ent.provider, "fold_counters", None)
+                if fn is None or not ent.held:
+                    continue
+                ctxs = None
+                if conns is not None:
+                    ctxs = []
+                    for c in conns:
+                        ext = c.ext
+                        ctx = ext.get("offload") if ext else None
+                        if ctx is not None and ent.name in ctx.held:
+                            ctxs.append(ctx)
+                    if not ctxs:
+                        continue
+                try:
+                    n += int(fn(ctxs) or 0)
+                except ProviderError as e:
+                    self._failures[errno_name(e.errno or _errno.EIO)] += 1
+                    log.warning("folding %s counters: %s", ent.name, e)
+                except Exception:
+                    self._provider_raised(ent, "fold_counters")
+        return n
 
     def _read_last_used(
         self, ent: _Entry, ctxs: list[ConnOffload]

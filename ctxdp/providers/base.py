@@ -14,6 +14,15 @@ Contract:
   then returns the connection to the slow path).
 - ``batch_submit`` is optional. When present it receives a whole ``Batch`` and
   must set ``op.err`` (and ``op.result`` for UPD) on every op.
+- ``conn_update_many`` is what the lazy aging calls, once per sweep with the
+  held connections whose deadline came; override it when a bulk read is
+  cheaper (the XDP provider reads an mmap).
+- ``fold_counters(ctxs | None) -> int`` is optional, for providers that count
+  packets per entry: add what each held connection of ``ctxs`` (None: all it
+  holds) forwarded since the previous fold to ``ctx.conn.pkts`` /
+  ``ctx.conn.bytes`` (``[orig, reply]``); return how many it folded. Such a
+  provider also folds an entry's counters itself just before deleting or
+  rewriting it (DEL, POLICY, FLUSH), so no count is lost between folds.
 - Nothing here imports bcc, sockets or pyroute2.
 """
 

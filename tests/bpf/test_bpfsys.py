@@ -97,6 +97,30 @@ def test_lookup_batch_walks_everything(hash_fd):
     assert seen == {i: (i, 3 * i) for i in range(50)}
 
 
+def test_lookup_and_delete_batch_empties_the_map_returning_every_value(hash_fd):
+    """lookup_and_delete_batch hands back every entry once, across chunks, and
+    leaves the map empty."""
+    keys, vals = _fill(50)
+    bpfsys.map_update_batch(hash_fd, keys, vals, 50)
+    seen = {}
+    for ks, vs, n in bpfsys.map_lookup_and_delete_batch(hash_fd, 8, 16, chunk=4):
+        for i in range(n):
+            seen[K.unpack_from(ks, i * 8)[0]] = V.unpack_from(vs, i * 16)
+    assert seen == {i: (i, 3 * i) for i in range(50)}
+    assert list(bpfsys.map_lookup_batch(hash_fd, 8, 16)) == []
+
+
+def test_lookup_many_packs_values_and_flags_missing_keys(hash_fd):
+    """lookup_many: one value slot per key, in key order; absent keys are False
+    with a zero slot."""
+    keys, vals = _fill(5)
+    bpfsys.map_update_batch(hash_fd, keys, vals, 5)
+    want = b"".join(K.pack(k) for k in (4, 9, 0))
+    got, found = bpfsys.map_lookup_many(hash_fd, want, 3, 8, 16)
+    assert found == [True, False, True]
+    assert [V.unpack_from(got, i * 16) for i in range(3)] == [(4, 12), (0, 0), (0, 0)]
+
+
 def test_delete_batch_skips_missing_keys(hash_fd):
     """delete_batch stops at an absent key, or skips it with ignore_missing."""
     keys, vals = _fill(10)

@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -566,35 +567,49 @@ def test_fin_flags_the_connection_for_teardown(prov, xports):
     assert prov.stats()["punt_fin_rst"] >= 1
 
 
-@pytest.mark.parametrize("chunk", [4096, 64], ids=["past-the-end", "several-chunks"])
-def test_touched_reports_only_connections_the_program_restamped(prov, xports, monkeypatch,
-                                                                chunk):
-    """touched() reports a conn once per new last-used stamp; idle ones never;
-    counters_of() and stat() read just those entries / that counter."""
-    # 64 slots = 512 bytes: one chunk reaching past the end (the mmap is a
-    # whole page), or eight chunks.
-    monkeypatch.setattr(prov, "TOUCH_CHUNK", chunk)
+@pytest.mark.parametrize("walk_share", [1e9, 0.0], ids=["lookups", "walk"])
+def test_fold_counters_adds_each_packet_once_across_rewrite_delete_and_flush(
+        prov, xports, monkeypatch, walk_share):
+    """fold_counters adds what the entries counted since the last fold to the
+    conn; a POLICY rewrite (which restarts the entry's counters), a DEL and a
+    FLUSH fold first, so no packet is lost or counted twice. Both read modes:
+    one lookup per entry, and one lookup-batch walk."""
+    monkeypatch.setattr(prov, "WALK_SHARE", walk_share)
     ctx, other = make_ctx(xports, 0), make_ctx(xports, 1)
-    prov.conn_add(ctx)
-    prov.conn_add(other)
-    prov.touched()  # whatever earlier tests left in the snapshot
-    assert prov.touched() == [] and prov.last_touched() == []
+    for c in (ctx, other):
+        c.conn = SimpleNamespace(pkts=[0, 0], bytes=[0, 0])
+        assert prov.conn_add(c) == 0
     f0, f1 = tcp_frame(ctx.dirs[0]), tcp_frame(ctx.dirs[1])
+    for f, idx in ((f0, xports.a_idx), (f0, xports.a_idx), (f1, xports.b_idx)):
+        assert run(prov, f, idx).retval == bpfsys.XDP_REDIRECT
+    assert prov.fold_counters([ctx]) == 1
+    assert ctx.conn.pkts == [2, 1] and ctx.conn.bytes == [2 * len(f0), len(f1)]
+    assert prov.fold_counters(None) == 2  # all held: nothing new
+    assert ctx.conn.pkts == [2, 1] and other.conn.pkts == [0, 0]
     assert run(prov, f0, xports.a_idx).retval == bpfsys.XDP_REDIRECT
-    lu = prov.conn_update(ctx)
-    assert prov.touched() == [(ctx, lu)] and prov.last_touched() == [ctx]
-    assert prov.touched() == []  # no new stamp: nothing to refresh
-    time.sleep(0.03)  # let the coarse clock move on
+    ctx.dirs[0] = FlowDir(ctx.dirs[0].in_ifindex, ctx.dirs[0].match, ctx.dirs[0].out,
+                          ctx.dirs[0].out_ifindex, MAC_B, MAC_CLIENT, 1500)
+    pol = Op(OpKind.POLICY, ctx)
+    prov.batch_submit(Batch([pol]))
+    assert pol.err == 0 and ctx.conn.pkts == [3, 1]  # folded before the rewrite
+    assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
     assert run(prov, f1, xports.b_idx).retval == bpfsys.XDP_REDIRECT
-    ((c, t),) = prov.touched()
-    assert c is ctx and t == prov.conn_update(ctx) > lu
-    assert prov.counters_of([ctx, other]) == [
-        (ctx, (1, 1), (len(f0), len(f1))), (other, (0, 0), (0, 0))]
+    assert prov.conn_del(ctx) == 0  # folds what it deletes
+    assert ctx.conn.pkts == [4, 2] and prov.fold_counters([ctx]) == 0
+    g0 = tcp_frame(other.dirs[0])
+    assert run(prov, g0, xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    assert prov.flush() == 0  # lookup-and-delete batch: folds what it takes out
+    assert other.conn.pkts == [1, 0] and other.conn.bytes == [len(g0), 0]
+    assert map_lens(prov) == {4: 0, 6: 0}
+
+
+def test_stat_reads_one_program_counter(prov, xports):
+    """stat("punt_fin_rst") moves with a punted RST (the daemon's flag-scan gate)."""
+    ctx = make_ctx(xports, 0)
+    prov.conn_add(ctx)
     punts = prov.stat("punt_fin_rst")
-    assert run(prov, tcp_frame(other.dirs[0], "RA"), xports.a_idx).retval == bpfsys.XDP_PASS
+    assert run(prov, tcp_frame(ctx.dirs[0], "RA"), xports.a_idx).retval == bpfsys.XDP_PASS
     assert prov.stat("punt_fin_rst") == punts + 1
-    prov.conn_del(ctx)
-    assert prov.counters_of([ctx]) == []
 
 
 # --- capacity -------------------------------------------------------------------------

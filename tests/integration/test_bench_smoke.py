@@ -93,6 +93,7 @@ def test_e2e_quick_run_measures_every_part_and_leaves_nothing(tmp_path: Path) ->
     assert all(x["offloaded"] == x["new"] == 200 for x in sc["setup"])
     (aging,) = sc["aging"]
     assert aging["conns"] == 1000 and aging["still_offloaded"] == 1000
+    assert set(aging["cases"]) == {"busy", "idle", "all-due"}
     assert "Bars (issue 7):" in res["table"]
     if "--no-plot" not in argv:
         assert (tmp_path / "e2e.png").stat().st_size > 0

@@ -20,8 +20,12 @@ Contract:
 - ``FakeLinks`` has ``on_change`` and ``fire(old, new)`` with the real
   ``LinkState`` type.
 - ``FakeXdp`` is a ``DummyProvider`` (wrapped) named ``xdp`` with the XDP provider's
-  extra read-outs the daemon uses: ``teardown_flagged()``, ``counters()``,
-  ``flows()`` and ``stats()`` in the XDP provider's key vocabulary.
+  extra read-outs the daemon uses: ``teardown_flagged()`` (``scans`` counts
+  them), ``counters()``, ``flows()``, ``stat()`` and ``stats()`` in the XDP
+  provider's key vocabulary, and its counter folding: ``fold_counters``
+  (``folds`` records the ctx ids of each call) adds what ``set_counters``
+  set since the previous fold to the conn, and ``conn_del`` /
+  ``conn_policy`` / ``flush`` fold before they act, as the real one does.
 - ``FakeClock`` is a settable monotonic clock (``clock()``, ``advance``).
 - Frame builders return ``bytearray`` Ethernet frames built by scapy, with the
   MACs of the fixed test topology below; ``TcpFlow`` plays both ends of a TCP
@@ -62,9 +66,7 @@ __all__ = [
     "FakePortSet",
     "FakeRouter",
     "FakeXdp",
-    "FakeXdpTouched",
     "TcpFlow",
-    "TouchedDummy",
     "a",
     "frame",
     "from_lan",
@@ -308,32 +310,6 @@ class FakeFlowRow:
     dir: int
 
 
-class TouchedDummy(DummyProvider):
-    """A dummy provider that also offers the XDP provider's ``touched()``:
-    the held connections whose last-used changed since the previous call.
-    ``touched_raises`` makes the next calls raise it."""
-
-    def __init__(self, name: str = "dummy", **kw: Any) -> None:
-        super().__init__(name, **kw)
-        self.seen_lu: dict[Any, float] = {}
-        self.touched_calls = 0
-        self.touched_raises: BaseException | None = None
-        self.recent: list[OffloadCtx] = []
-
-    def touched(self) -> list[tuple[OffloadCtx, float]]:
-        self.touched_calls += 1
-        if self.touched_raises is not None:
-            raise self.touched_raises
-        out = [(self.held[k], t) for k, t in self.last_used.items()
-               if k in self.held and self.seen_lu.get(k) != t]
-        self.seen_lu = dict(self.last_used)
-        self.recent = [c for c, _ in out]
-        return out
-
-    def last_touched(self) -> list[OffloadCtx]:
-        return list(self.recent)
-
-
 class FakeXdp:
     """A dummy provider named ``xdp`` that also answers the XDP provider's read-outs.
 
@@ -351,11 +327,55 @@ class FakeXdp:
         self.prog_stats: dict[str, int] = {"hit": 0, "miss": 0, "punt_fin_rst": 0,
                                            "punt_ttl": 0, "redirect_err": 0}
         self.capacity_conns = 1024
+        self.folded: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
+        self.folds: list[set[int]] = []
+        self.scans = 0
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.dummy, attr)
 
+    def fold_counters(self, ctxs: Iterable[OffloadCtx] | None = None) -> int:
+        ctxs = list(self.held.values()) if ctxs is None else [c for c in ctxs if self.holds(c)]
+        self.folds.append({id(c) for c in ctxs})
+        for ctx in ctxs:
+            pk, by = self.fast.get(id(ctx), ((0, 0), (0, 0)))
+            opk, oby = self.folded.get(id(ctx), ((0, 0), (0, 0)))
+            for i in (0, 1):
+                if pk[i] >= opk[i] and by[i] >= oby[i]:
+                    ctx.conn.pkts[i] += pk[i] - opk[i]
+                    ctx.conn.bytes[i] += by[i] - oby[i]
+                else:  # the entry was rewritten: its counters restarted
+                    ctx.conn.pkts[i] += pk[i]
+                    ctx.conn.bytes[i] += by[i]
+            self.folded[id(ctx)] = (pk, by)
+        return len(ctxs)
+
+    def conn_del(self, ctx: OffloadCtx) -> int:
+        if self.holds(ctx):
+            self.fold_counters([ctx])
+        err = self.dummy.conn_del(ctx)
+        if not err:
+            self.fast.pop(id(ctx), None)
+            self.folded.pop(id(ctx), None)
+        return err
+
+    def conn_policy(self, ctx: OffloadCtx) -> int:
+        """A rewrite restarts the entry's counters (as the XDP value write does)."""
+        if self.holds(ctx):
+            self.fold_counters([ctx])
+        err = self.dummy.conn_policy(ctx)
+        if not err:
+            self.fast[id(ctx)] = self.folded[id(ctx)] = ((0, 0), (0, 0))
+        return err
+
+    def flush(self) -> int:
+        self.fold_counters(None)
+        self.fast.clear()
+        self.folded.clear()
+        return self.dummy.flush()
+
     def teardown_flagged(self) -> list[OffloadCtx]:
+        self.scans += 1
         out, self.flagged = self.flagged, []
         return [c for c in out if self.holds(c)]
 
@@ -472,35 +492,3 @@ class TcpFlow:
             p = p / Raw(b"d" * n)
         self.nxt[side] += n + ("S" in flags) + ("F" in flags)
         return self.wrap[side](p)
-
-
-class FakeXdpTouched(FakeXdp):
-    """``FakeXdp`` with the incremental read-outs of the XDP provider:
-    ``touched`` / ``last_touched`` (from a ``TouchedDummy``) and
-    ``counters_of``; ``counter_reads`` records which ctxs each fold read."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.dummy = TouchedDummy("xdp", **kw)
-        self.counter_reads: list[set[int]] = []
-        self.scans = 0
-
-    def touched(self) -> list[tuple[OffloadCtx, float]]:
-        return self.dummy.touched()
-
-    def last_touched(self) -> list[OffloadCtx]:
-        return self.dummy.last_touched()
-
-    def teardown_flagged(self) -> list[OffloadCtx]:
-        self.scans += 1
-        return super().teardown_flagged()
-
-    def counters_of(
-        self, ctxs: Iterable[OffloadCtx]
-    ) -> list[tuple[OffloadCtx, tuple[int, int], tuple[int, int]]]:
-        ctxs = [c for c in ctxs if self.holds(c)]
-        self.counter_reads.append({id(c) for c in ctxs})
-        return [(c, *self.fast.get(id(c), ((0, 0), (0, 0)))) for c in ctxs]
-
-    def slot_of(self, ctx: OffloadCtx) -> int | None:
-        return 0 if self.holds(ctx) else None

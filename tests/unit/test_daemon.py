@@ -4,6 +4,7 @@ and a dummy (or XDP-like dummy) provider, on a fake clock."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +30,6 @@ from tests.unit.fakes import (
     FakeClock,
     FakeLinks,
     FakeXdp,
-    FakeXdpTouched,
     TcpFlow,
     a,
     mac,
@@ -93,8 +93,7 @@ def write_config(path: Path, doc: dict[str, Any] | None = None) -> dict[str, Any
 def rig(tmp_path):
     made: list[Daemon] = []
 
-    def make(doc: dict[str, Any] | None = None, *, xdp: bool = False,
-             touched: bool = False) -> SimpleNamespace:
+    def make(doc: dict[str, Any] | None = None, *, xdp: bool = False) -> SimpleNamespace:
         path = tmp_path / "ctxdp.toml"
         write_config(path, doc)
         clock = FakeClock(1000.0)
@@ -102,8 +101,7 @@ def rig(tmp_path):
         made.append(d)
         ports, router, neigh = topology()
         links = FakeLinks()
-        xdp = xdp or touched
-        prov = (FakeXdpTouched() if touched else FakeXdp()) if xdp else DummyProvider()
+        prov = FakeXdp() if xdp else DummyProvider()
         d.assemble(ports, router, neigh, links, [prov], xdp=prov if xdp else None,
                    port_addr=lambda n, f: PORT_ADDR.get((n, f)))
         return SimpleNamespace(d=d, clock=clock, prov=prov, router=router, neigh=neigh,
@@ -151,37 +149,66 @@ def link(ifindex: int = WAN_IF, *, up: bool = True, mtu: int = 1500) -> LinkStat
 # -- aging -----------------------------------------------------------------------------
 
 
-def test_tick_refreshes_expiry_from_last_used_and_expires_idle_connections(rig):
-    """The tick refreshes expiry from last-used and deletes/withdraws idle connections."""
+def test_tick_rearms_expiry_from_last_used_at_the_deadline_and_expires_idle_connections(rig):
+    """Lazy aging: the tick reads last-used only when the deadline comes; fast-path
+    traffic then re-arms the connection, and an idle one is deleted/withdrawn."""
     r = rig()
     conn, _ = establish(r)
     assert r.prov.holds(conn)
     assert conn.expires == pytest.approx(1100.0)
     r.prov.touch(conn, r.clock.advance(90))  # fast-path traffic at t=1090
     r.d.tick(r.clock())
-    assert conn.expires == pytest.approx(1190.0)
-    r.d.tick(r.clock.advance(60))  # t=1150: past the old expiry, kept by the read-back
+    assert conn.expires == pytest.approx(1100.0)  # not due: nothing read
+    assert r.prov.hooks("conn_update") == []
+    r.d.tick(r.clock.advance(60))  # t=1150: due at 1100, re-armed from 1090
     assert r.d.ct.get(0, conn.orig) is conn and r.prov.holds(conn)
+    assert conn.expires == pytest.approx(1190.0)
+    assert len(r.prov.hooks("conn_update")) == 1
     r.d.tick(r.clock.advance(50))  # t=1200: idle for 110 s > 100 s
     assert len(r.d.ct) == 0
     assert not r.prov.holds(conn)
     assert r.d.ct.stats.deleted_reasons == {"expired": 1}
 
 
-def test_tick_folds_fast_path_counters_once(rig):
-    """Fast-path counters are folded into the connection as deltas, counted once."""
+def test_tick_reads_nothing_of_connections_not_due(rig):
+    """Busy or idle, a connection whose deadline has not come costs the tick no
+    last-used read and no counter read."""
+    r = rig(xdp=True)
+    conns = [establish(r, 40000 + i)[0] for i in range(3)]
+    for t in range(10):
+        for c in conns:
+            r.prov.touch(c, r.clock())
+            r.prov.set_counters(r.d.mgr.ctx(c), (t, t), (100 * t, 100 * t))
+        r.d.tick(r.clock.advance(5))
+    assert r.prov.hooks("conn_update") == [] and r.prov.folds == []
+    assert all(r.prov.holds(c) for c in conns)
+
+
+def test_fast_path_counters_are_folded_on_demand_and_counted_once(rig):
+    """Counters are folded by the conntrack listing and just before a DEL; each
+    packet is counted once, and a rewrite (POLICY) loses nothing."""
     r = rig(xdp=True)
     conn, _ = establish(r)
     ctx = r.d.mgr.ctx(conn)
     base_p, base_b = list(conn.pkts), list(conn.bytes)
     r.prov.set_counters(ctx, (5, 3), (500, 300))
     r.d.tick(r.clock.advance(1))
-    assert conn.pkts == [base_p[0] + 5, base_p[1] + 3]
-    assert conn.bytes == [base_b[0] + 500, base_b[1] + 300]
+    assert conn.pkts == base_p  # the tick folds nothing
+    (row,) = r.d.handle("conntrack", {})["conns"]
+    assert row["packets"] == [base_p[0] + 5, base_p[1] + 3]
+    assert row["bytes"] == [base_b[0] + 500, base_b[1] + 300]
+    r.d.handle("conntrack", {})
+    assert conn.pkts == [base_p[0] + 5, base_p[1] + 3]  # listed twice, counted once
     r.prov.set_counters(ctx, (8, 3), (800, 300))
-    r.d.tick(r.clock.advance(1))
-    r.d.tick(r.clock.advance(1))
-    assert conn.pkts == [base_p[0] + 8, base_p[1] + 3]
+    r.d.mgr.update_forwarding(  # a neighbour MAC change: POLICY rewrite
+        conn, False, dataclasses.replace(ctx.dirs[0], dst_mac=b"\x02" * 6), r.clock())
+    assert r.d.mgr.stats["policies"] == 1
+    assert conn.pkts == [base_p[0] + 8, base_p[1] + 3]  # folded before the rewrite
+    r.prov.set_counters(ctx, (2, 1), (200, 100))  # counted since the rewrite
+    r.d.tick(r.clock.advance(200))  # idle: expires; DEL folds what is left
+    assert len(r.d.ct) == 0 and not r.prov.holds(conn)
+    assert conn.pkts == [base_p[0] + 10, base_p[1] + 4]
+    assert conn.bytes == [base_b[0] + 1000, base_b[1] + 400]
 
 
 def test_tick_ends_offload_of_connections_xdp_flagged_fin_rst(rig):
@@ -195,13 +222,13 @@ def test_tick_ends_offload_of_connections_xdp_flagged_fin_rst(rig):
     assert r.d.ct.get(0, conn.orig) is conn  # the slow path finishes the teardown
 
 
-def test_tick_with_touched_provider_expires_idle_and_keeps_busy_connection(rig):
-    """Touched-only aging: fast-path traffic keeps a conn; the idle one expires on time."""
-    r = rig(touched=True)
+def test_tick_expires_idle_and_keeps_busy_connection(rig):
+    """Fast-path traffic keeps a conn through many deadlines; the idle one expires on time."""
+    r = rig(xdp=True)
     busy, _ = establish(r, 40001)
     idle, _ = establish(r, 40002)
     r.prov.touch(idle, r.clock.advance(10))  # t=1010: idle's last packet
-    for _ in range(12):  # t=1020..1130
+    for _ in range(50):  # t=1020..1500
         r.prov.touch(busy, r.clock.advance(5))
         r.d.tick(r.clock.advance(5))
         assert r.d.ct.get(0, busy.orig) is busy
@@ -209,33 +236,9 @@ def test_tick_with_touched_provider_expires_idle_and_keeps_busy_connection(rig):
     assert r.prov.holds(busy) and not r.prov.holds(idle)
 
 
-def test_tick_with_touched_provider_folds_counters_of_moved_connections_only(rig):
-    """Only conns whose last-used moved (this tick or the one before) have counters read."""
-    r = rig(touched=True)
-    c1, _ = establish(r, 40001)
-    c2, _ = establish(r, 40002)
-    x1, x2 = r.d.mgr.ctx(c1), r.d.mgr.ctx(c2)
-    base = list(c1.pkts)
-    r.prov.set_counters(x1, (5, 3), (500, 300))
-    r.prov.touch(c1, r.clock.advance(1))
-    r.d.tick(r.clock.advance(1))
-    assert r.prov.counter_reads[-1] == {id(x1)}
-    assert c1.pkts == [base[0] + 5, base[1] + 3]
-    r.prov.set_counters(x1, (7, 3), (700, 300))  # same coarse-clock tick: no new stamp
-    r.d.tick(r.clock.advance(1))
-    assert r.prov.counter_reads[-1] == {id(x1)} and c1.pkts == [base[0] + 7, base[1] + 3]
-    r.d.tick(r.clock.advance(1))
-    assert r.prov.counter_reads[-1] == set() and id(x2) not in set().union(
-        *r.prov.counter_reads)
-    r.prov.set_counters(x1, (2, 0), (200, 0))  # entry rewritten: counters restarted
-    r.prov.touch(c1, r.clock.advance(1))
-    r.d.tick(r.clock.advance(1))
-    assert c1.pkts == [base[0] + 9, base[1] + 3]
-
-
 def test_tick_scans_teardown_flags_only_when_fin_rst_punts_moved(rig):
     """The flow-map flag scan runs on the first tick and then only after a FIN/RST punt."""
-    r = rig(touched=True)
+    r = rig(xdp=True)
     conn, _ = establish(r)
     r.d.tick(r.clock.advance(1))
     r.d.tick(r.clock.advance(1))

@@ -22,7 +22,6 @@ from ctxdp.offload import ConnOffload, OffloadManager, flow_dir
 from ctxdp.packet import parse
 from ctxdp.providers.base import Batch, Op, OpKind, Provider, ProviderError
 from ctxdp.providers.dummy import DummyProvider
-from tests.unit.fakes import TouchedDummy
 
 A = bytes([10, 0, 0, 1])
 B = bytes([10, 0, 1, 2])
@@ -996,66 +995,71 @@ def test_age_bulk_read_raising_falls_back_per_conn():
     assert mgr.stats["provider_errors"] == {"dummy": 1}
 
 
-def test_age_with_touched_refreshes_only_connections_whose_last_used_moved():
-    """A touched()-provider: only conns with a new last-used are refreshed, once."""
-    p = TouchedDummy()
-    ct, mgr, _ = setup(p)
+def test_last_used_reads_only_the_offloaded_connections_asked_for():
+    """The lazy re-arm source: one bulk read per provider for the conns asked
+    about; the newest time over holders; None for not offloaded / never seen."""
+    a, b = DummyProvider("a"), DummyProvider("b", batch=True)
+    ct, mgr, _ = setup(a, b)
     c1 = offloaded_conn(ct, mgr, 1)
     c2 = offloaded_conn(ct, mgr, 2)
-    p.touch(c1, 50.0)
-    assert mgr.age(60.0) == 1 and ct.refreshed == [(c1, 50.0)]
-    assert mgr.age(70.0) == 0 and ct.refreshed == [(c1, 50.0)]  # unchanged stamp: no work
-    p.touch(c2, 75.0)
-    p.touch(c1, 76.0)
-    mgr.age(80.0)
-    assert sorted(ct.refreshed[1:], key=lambda x: x[1]) == [(c2, 75.0), (c1, 76.0)]
-    assert not p.hooks("conn_update") and mgr.is_offloaded(c2)
+    c3 = offloaded_conn(ct, mgr, 3)
+    plain = ct.new(4)
+    a.touch(c1, 10.0)
+    b.touch(c1, 20.0)
+    b.touch(c3, 5.0)
+    n_a = len(a.hooks("conn_update"))
+    assert mgr.last_used([c1, plain, c2], 30.0) == [20.0, None, None]
+    assert len(a.hooks("conn_update")) == n_a + 2  # c1 and c2 only, not c3
+    assert ct.refreshed == []  # the tracker refreshes; the manager only answers
 
 
-def test_age_with_touched_raising_falls_back_to_full_read_and_its_error_path():
-    """touched() failing: the per-conn read runs; a conn whose read fails leaves."""
-    p = TouchedDummy()
+def test_last_used_read_error_withdraws_and_counts_as_used_now():
+    """A failed read at the deadline: back to the slow path, alive one more timeout."""
+    p = DummyProvider()
     ct, mgr, _ = setup(p)
     good = offloaded_conn(ct, mgr, 1)
     bad = offloaded_conn(ct, mgr, 2)
     p.touch(good, 5.0)
-    p.touched_raises = ProviderError(errno.EIO, "mmap gone")
     p.fail_if("conn_update", lambda ctx: ctx.orig.sport == 2, errno.EIO)
-    assert mgr.age(10.0) == 1 and ct.refreshed == [(good, 5.0)]
-    assert not mgr.is_offloaded(bad) and not p.holds(bad)
+    assert mgr.last_used([good, bad], 10.0) == [5.0, 10.0]
+    assert not p.holds(bad) and not mgr.is_offloaded(bad) and bad.seq_check is True
     assert mgr.stats["withdrawn"] == {"aging-error": 1} and mgr.is_offloaded(good)
+    fwd(mgr, bad)  # offered again only after the slow path forwards it again
+    assert mgr.is_offloaded(bad)
 
 
-def test_age_with_touched_ignores_connections_the_manager_does_not_hold():
-    """A touched() row for a conn no longer held (or dead) refreshes nothing."""
-    p = TouchedDummy()
-    ct, mgr, _ = setup(p)
-    c = offloaded_conn(ct, mgr, 1)
-    p.touch(c, 5.0)
-    ctx = mgr.ctx(c)
-    mgr.withdraw(c, 6.0)
-    p.held[p.key(ctx)] = ctx  # the provider still reports it
-    assert mgr.age(10.0) == 0 and ct.refreshed == []
-
-
-def test_real_touched_aging_expires_idle_and_keeps_the_busy_connection():
-    """Touched-only aging: the idle conn expires at last-used + timeout, the busy one lives."""
-    p = TouchedDummy()
+def test_real_lazy_rearm_expires_idle_and_keeps_the_busy_connection():
+    """Sweep-only aging (no age()): each deadline re-arms the busy conn from its
+    last-used; the idle one expires at last-used + timeout, with one DEL."""
+    p = DummyProvider(batch=True)
     r = Router(p, cfg=CtConfig(timeouts={"tcp_established": 10.0}))
     busy, idle = TcpFlow(r, 40001), TcpFlow(r, 40002)
     busy.handshake(now=1.0)
     idle.handshake(now=1.0)
     p.touch(idle.conn, 4.0)  # last fast-path packet of the idle one
-    for t in range(5, 30, 2):
+    for t in range(5, 60, 2):
         p.touch(busy.conn, t - 0.5)
         with r.mgr.batch(float(t)):
-            r.mgr.age(float(t))
             r.ct.sweep(float(t))
         alive = {f.conn for f in (busy, idle) if r.ct.get(0, f.conn.orig) is f.conn}
         assert busy.conn in alive
         assert (idle.conn in alive) == (t < 14.0)  # 4 + 10
     assert r.mgr.is_offloaded(busy.conn) and not r.mgr.is_offloaded(idle.conn)
     assert r.p.hooks("conn_del") == [idle.conn.ext["offload"]]
+    # read only at deadlines: about one read per 10 s timeout, not one per sweep
+    assert len(p.hooks("conn_update")) <= 2 * (60 // 10) + 2
+
+
+def test_real_lookup_past_the_deadline_asks_the_fast_path_before_deleting():
+    """A slow-path packet (e.g. a punted FIN) of an offloaded conn whose deadline
+    passed between sweeps finds it alive when the fast path used it lately."""
+    r = Router(cfg=CtConfig(timeouts={"tcp_established": 10.0}))
+    f = TcpFlow(r)
+    f.handshake(now=1.0)  # expires at 11
+    r.p.touch(f.conn, 9.0)
+    res = f.run("a", "PA", 12.0, 10)  # past 11, before any sweep
+    assert res.conn is f.conn and not res.state & CS.INV
+    assert r.ct.stats.deleted == 0
 
 
 def test_failed_delete_is_retried_until_no_stale_entry_remains():

@@ -213,3 +213,37 @@ def test_truncated_nat_related_errors_never_raise(a, b, pub, rtr):
             assert r.conn is c
             related += 1
     assert related >= 1
+
+
+def test_lazy_rearm_refiles_due_connections_the_source_saw_lately():
+    """At its deadline a connection is re-armed from the re-arm source's
+    last-used (expiry = last_used + timeout) instead of deleted; a None, an
+    old time or a raising source lets it expire. Only due conns are asked."""
+    ct = ConnTracker(CtConfig(timeouts={"udp_first": 10.0, "udp_multiple": 10.0}))
+    busy = _udp(ct, sport=1, now=0.0).conn
+    idle = _udp(ct, sport=2, now=0.0).conn
+    late = _udp(ct, sport=3, now=5.0).conn
+    asked: list[list] = []
+    seen = {id(busy): 8.0, id(idle): 0.5}
+
+    def source(conns, now):
+        asked.append(list(conns))
+        return [seen.get(id(c)) for c in conns]
+
+    ct.set_rearm(source)
+    ct.REARM_CHUNK = 1  # asked in chunks: one connection per call here
+    ct.sweep(11.0)
+    assert sorted(len(a) for a in asked) == [1, 1]
+    assert {id(c) for a in asked for c in a} == {id(busy), id(idle)}  # not `late`
+    assert ct.get(0, busy.orig) is busy and busy.expires == 18.0
+    assert ct.get(0, idle.orig) is None and ct.get(0, late.orig) is late
+    seen[id(late)] = 14.0
+    assert ct.execute(P(udp("10.0.0.1", "10.0.0.2", 3, 53)), 0, 16.0).conn is late
+    assert ct.stats.expired == 1  # the lookup past its deadline asked and kept it
+
+    def broken(conns, now):
+        raise RuntimeError("source gone")
+
+    ct.set_rearm(broken)
+    ct.sweep(40.0)
+    assert len(ct) == 0 and ct.stats.observer_errors == 1
