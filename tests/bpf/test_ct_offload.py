@@ -753,7 +753,7 @@ def test_pinned_build_is_adopted_by_the_next_load():
             assert (i.type, i.max_entries) == (bpfsys.MAP_TYPE["hash"], 1024)
             assert (i.key_size, i.value_size) == (key_size, L.VAL_SIZE)
         assert not info1["ct_flows4"].flags & bpfsys.BPF_F_NO_PREALLOC
-        assert info1["ct_flows6"].flags & bpfsys.BPF_F_NO_PREALLOC
+        assert not info1["ct_flows6"].flags & bpfsys.BPF_F_NO_PREALLOC
         assert info1["ct_last_used"].type == bpfsys.MAP_TYPE["array"]
         assert info1["ct_last_used"].flags & bpfsys.BPF_F_MMAPABLE
         assert info1["ct_last_used"].max_entries == 512
