@@ -127,7 +127,21 @@ _V64 = _VS // 8
 _FLAGS_I = L.VAL_OFF["flags"] // 4
 _SLOT_I = L.VAL_OFF["slot"] // 4
 _CNT_Q = L.CNT_OFF // 8  # slot c: packets at _CNT_Q + 2c, bytes at _CNT_Q + 2c + 1
-_CNT = struct.Struct(f"={2 * L.CNT_SLOTS}Q")  # the counter slots: (packets, bytes) each
+
+
+def _val_fields(vals, n: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(flags, slots, packets, bytes) of the first ``n`` ct_flow_vals of a
+    buffer, packets / bytes summed over the per-CPU counter slots; strided
+    slices, so no Python work per value."""
+    mv = memoryview(vals)[: n * _VS]
+    w, q = mv.cast("I"), mv.cast("Q")
+    pk = q[_CNT_Q::_V64].tolist()
+    by = q[_CNT_Q + 1 :: _V64].tolist()
+    for c in range(1, L.CNT_SLOTS):
+        o = _CNT_Q + 2 * c
+        pk = list(map(int.__add__, pk, q[o::_V64].tolist()))
+        by = list(map(int.__add__, by, q[o + 1 :: _V64].tolist()))
+    return w[_FLAGS_I::_V32].tolist(), w[_SLOT_I::_V32].tolist(), pk, by
 
 
 #: A map key as the indexes hold it: the packed key bytes of its family's map
@@ -653,7 +667,7 @@ class XdpProvider(Provider):
                     cur: dict[int, list[int]] = {}
                     for keys, vals, n in bpfsys.map_lookup_and_delete_batch(
                             fd, ks, _VS, chunk=8192):
-                        self._collect(cur, keys, ks, vals, n, None)
+                        self._collect(cur, keys, ks, vals, n)
                         done += n
                     self._fold_into(cur)
                     continue
@@ -665,7 +679,7 @@ class XdpProvider(Provider):
             cur = {}
             chunks = []
             for kb, vb, n in self._scan(fam):
-                self._collect(cur, kb, ks, vb, n, None)
+                self._collect(cur, kb, ks, vb, n)
                 chunks.append(bytes(kb[: n * ks]))
             self._fold_into(cur)
             done += self._delete_raw(fam, b"".join(chunks))
@@ -840,7 +854,7 @@ class XdpProvider(Provider):
     #: walk of the maps instead of one lookup per entry once the set has at
     #: least this share of the map's entries. Measured here: a lookup through
     #: map_lookup_many 1.55 us per key, a walk 0.32 us per entry in the
-    #: kernel plus the slot match in Python (``_collect``); a quarter keeps
+    #: kernel plus the slot match in Python (``_read``); a quarter keeps
     #: the walk to the sets it clearly wins for.
     WALK_SHARE = 0.25
 
@@ -863,80 +877,55 @@ class XdpProvider(Provider):
             raise ProviderError(_errno_of(exc), f"reading flow counters: {exc}") from exc
 
     def _fold(self, hs: list[_Held], *, walk: bool = False) -> int:
-        """Read the entries of ``hs`` (lookups, or one walk when they are many)
-        and add what they counted since the last fold to their conns."""
-        if not hs:
-            return 0
+        """Add what the entries of ``hs`` counted since the last fold to their
+        conns."""
+        return self._fold_into(self._read(hs, walk=walk))
+
+    def _read(self, hs: list[_Held], *, walk: bool = False) -> dict[int, list[int]]:
+        """slot -> [orig pkts, reply pkts, orig bytes, reply bytes] of the
+        entries of ``hs``: lookups, or one walk when they are many (a missing
+        entry counts zero)."""
         cur: dict[int, list[int]] = {}
+        if not hs:
+            return cur
         n_entries = 2 * (self._n_held + self._n_orphans)
         if walk or 2 * len(hs) >= self.WALK_SHARE * n_entries:
-            want = {h.slot: h for h in hs}
-            for fam in self._flows:
-                ks = _KS[fam]
-                for keys, vals, n in self._scan(fam):
-                    self._collect(cur, keys, ks, vals, n, want)
-        else:
-            for h in hs:
-                cur[h.slot] = [0, 0, 0, 0]
-            for fam, fd in self._flows.items():
-                ks = _KS[fam]
-                sel = [(h.slot, d, k) for h in hs for d, k in enumerate(h.keys[:2])
-                       if len(k) == ks]
-                if not sel:
-                    continue
-                vals, found = bpfsys.map_lookup_many(
-                    fd, b"".join(k for _s, _d, k in sel), len(sel), ks, _VS)
-                q = memoryview(vals).cast("Q")
-                for j, (slot, d, _k) in enumerate(sel):
-                    if found[j]:
-                        o = j * _V64 + _CNT_Q
-                        c = q[o : o + 2 * L.CNT_SLOTS]
-                        row = cur[slot]
-                        row[d] = sum(c[0::2])
-                        row[2 + d] = sum(c[1::2])
-        return self._fold_into(cur)
-
-    def _read_entries(self, h: _Held) -> list[int]:
-        """[orig pkts, reply pkts, orig bytes, reply bytes] of ``h``'s entries
-        (one lookup each; a missing entry counts zero)."""
-        row = [0, 0, 0, 0]
-        for d, k in enumerate(h.keys[:2]):
-            raw = bpfsys.map_lookup(self._flows[_FAM_OF_KS[len(k)]], k, _VS)
-            if raw is not None:
-                cnt = _CNT.unpack_from(raw, L.CNT_OFF)
-                row[d] = sum(cnt[0::2])
-                row[2 + d] = sum(cnt[1::2])
-        return row
-
-    def _collect(self, cur: dict[int, list[int]], keys, ks: int, vals, n: int,
-                 want: dict[int, _Held] | None) -> None:
-        """Counters of one walk chunk into ``cur`` (slot -> [pk0, pk1, by0,
-        by1]), for the held slots of ``want`` (None: every held slot)."""
-        mv = memoryview(vals)[: n * _VS]
-        slots = mv.cast("I")[_SLOT_I::_V32].tolist()
-        q = mv.cast("Q")
-        by_slot = self._by_slot
-        for i, s in enumerate(slots):
-            if want is not None:
-                h = want.get(s)
-            else:
-                h = by_slot[s] if s < self.max_conns else None
-            if h is None or h.ctx is None:
+            want = {h.slot for h in hs}
+            for keys, ks, _f, slots, pk, by, _n in self._scan_fields():
+                for i, slot in enumerate(slots):
+                    if slot in want:
+                        self._count_entry(cur, keys, ks, i, slot, pk[i], by[i])
+            return cur
+        for h in hs:
+            cur[h.slot] = [0, 0, 0, 0]
+        for fam, fd in self._flows.items():
+            ks = _KS[fam]
+            sel = [(h.slot, d, k) for h in hs for d, k in enumerate(h.keys[:2]) if len(k) == ks]
+            if not sel:
                 continue
-            k = bytes(keys[i * ks : (i + 1) * ks])
-            if k == h.keys[0]:
-                d = 0
-            elif len(h.keys) > 1 and k == h.keys[1]:
-                d = 1
-            else:
-                continue
-            row = cur.get(s)
-            if row is None:
-                row = cur[s] = [0, 0, 0, 0]
-            o = i * _V64 + _CNT_Q
-            c = q[o : o + 2 * L.CNT_SLOTS]
-            row[d] = sum(c[0::2])
-            row[2 + d] = sum(c[1::2])
+            vals, found = bpfsys.map_lookup_many(
+                fd, b"".join(k for _s, _d, k in sel), len(sel), ks, _VS)
+            _f, _s, pk, by = _val_fields(vals, len(sel))
+            for j, (slot, d, _k) in enumerate(sel):
+                if found[j]:
+                    row = cur[slot]
+                    row[d], row[2 + d] = pk[j], by[j]
+        return cur
+
+    def _collect(self, cur: dict[int, list[int]], keys, ks: int, vals, n: int) -> None:
+        """Counters of the held connections in one chunk of entries taken out
+        of a flow map into ``cur`` (slot -> [pk0, pk1, by0, by1])."""
+        _f, slots, pk, by = _val_fields(vals, n)
+        for i, slot in enumerate(slots):
+            self._count_entry(cur, keys, ks, i, slot, pk[i], by[i])
+
+    def _count_entry(self, cur: dict[int, list[int]], keys, ks: int, i: int, slot: int,
+                     pk: int, by: int) -> None:
+        """Put entry ``i`` of a chunk into its held connection's row of ``cur``."""
+        h, d = self._holder_dir(keys, ks, i, slot)
+        if h is not None and h.ctx is not None:
+            row = cur.setdefault(slot, [0, 0, 0, 0])
+            row[d], row[2 + d] = pk, by
 
     def _fold_into(self, cur: dict[int, list[int]]) -> int:
         """Add ``cur`` (slot -> counters now) minus what was folded before to
@@ -1039,10 +1028,11 @@ class XdpProvider(Provider):
         self._add_run(run)
         for h in hs:
             self._folded.pop(h.slot, None)
+        ok = [h for op, h in zip(run, hs, strict=True)
+              if not op.err and op.ctx.priv.get(_PRIV) is h]  # type: ignore[union-attr]
         try:
-            for op, h in zip(run, hs, strict=True):
-                if not op.err and op.ctx.priv.get(_PRIV) is h:  # type: ignore[union-attr]
-                    self._folded[h.slot] = tuple(self._read_entries(h))  # type: ignore[assignment]
+            for slot, row in self._read(ok).items():
+                self._folded[slot] = (row[0], row[1], row[2], row[3])
         except OSError as exc:
             log.warning("xdp: reading counters after a rewrite: %s", exc)
 
@@ -1197,10 +1187,9 @@ class XdpProvider(Provider):
                 if chunk:
                     pipeline(p4)
                     pipeline(p6)
-                if j == stop:
-                    i = j
-                    continue
                 i = j
+                if i == stop:  # got through: the next call starts the next chunk
+                    continue
             p = one(run[i])
             if chunk and p is not None:
                 pipeline(p)
@@ -1351,24 +1340,7 @@ class XdpProvider(Provider):
         try:
             for fam in self._flows:
                 for keys, vals, n in self._scan(fam):
-                    mv = memoryview(vals)[: n * _VS]
-                    w = mv.cast("I")
-                    q = mv.cast("Q")
-                    pk = q[_CNT_Q::_V64].tolist()
-                    by = q[_CNT_Q + 1 :: _V64].tolist()
-                    for c in range(1, L.CNT_SLOTS):
-                        o = _CNT_Q + 2 * c
-                        pk = list(map(int.__add__, pk, q[o::_V64].tolist()))
-                        by = list(map(int.__add__, by, q[o + 1 :: _V64].tolist()))
-                    yield (
-                        keys,
-                        _KS[fam],
-                        w[_FLAGS_I::_V32].tolist(),
-                        w[_SLOT_I::_V32].tolist(),
-                        pk,
-                        by,
-                        n,
-                    )
+                    yield (keys, _KS[fam], *_val_fields(vals, n), n)
         except OSError as exc:
             raise ProviderError(_errno_of(exc), f"reading the flow maps: {exc}") from exc
 
