@@ -297,81 +297,6 @@ static void pend_drop(struct pend *p)
 	Py_CLEAR(p->vbuf);
 }
 
-/* Prefetching. A batch install reads ~20 objects per connection (op, ctx,
- * its dirs list, two FlowDirs, four tuples, their addresses and ports),
- * scattered over the heap and cold when the connections were set up a while
- * ago (a restart re-offloading its table, a large burst): one cache miss
- * after another, because each pointer comes out of the previous object.
- * Stage s of op i + PF_DIST * (PF_STAGES - s) prefetches depth s of that
- * op's object graph (op, ctx, its priv dict and dirs list, the list's
- * items, the FlowDirs, their tuples, the tuples' addresses and ports); the pointers it follows were prefetched by the stage
- * before, a few ops earlier. Only types bind() saw are followed. */
-#define PF_STAGES 7
-#define PF_DIST 2
-
-static inline void pf(const void *p)
-{
-	__builtin_prefetch(p, 0, 3);
-}
-
-static void prefetch_stage(PyObject *run, Py_ssize_t i, int stage)
-{
-	if (i >= PyList_GET_SIZE(run))
-		return;
-	PyObject *op = PyList_GET_ITEM(run, i);
-	if (stage == 0) {
-		pf(op);
-		return;
-	}
-	if (Py_TYPE(op) != op_type)
-		return;
-	PyObject *ctx = get(op, off_op_ctx);
-	if (!ctx)
-		return;
-	if (stage == 1) {
-		pf(ctx);
-		pf((char *)ctx + 64);
-		return;
-	}
-	if (Py_TYPE(ctx) != ctx_type)
-		return;
-	PyObject *dirs = get(ctx, off_ctx_dirs), *priv = get(ctx, off_ctx_priv);
-	if (stage == 2) {
-		pf(priv);
-		pf(dirs);
-		return;
-	}
-	if (!dirs || !PyList_CheckExact(dirs) || PyList_GET_SIZE(dirs) != 2)
-		return;
-	if (stage == 3) {
-		pf(((PyListObject *)dirs)->ob_item);
-		return;
-	}
-	for (int k = 0; k < 2; k++) {
-		PyObject *d = PyList_GET_ITEM(dirs, k);
-		if (stage == 4) {
-			pf(d);
-			pf((char *)d + 64);
-			continue;
-		}
-		if (Py_TYPE(d) != dir_type)
-			continue;
-		PyObject *t[2] = {get(d, off_match), get(d, off_out)};
-		for (int j = 0; j < 2; j++) {
-			if (!t[j])
-				continue;
-			if (stage == 5) {
-				pf(t[j]);
-				continue;
-			}
-			if (!PyTuple_CheckExact(t[j]) || PyTuple_GET_SIZE(t[j]) != 6)
-				continue;
-			for (int f = 2; f < 6; f++) /* addresses and ports */
-				pf(PyTuple_GET_ITEM(t[j], f));
-		}
-	}
-}
-
 /* A new held_type instance for a connection (new reference). */
 static PyObject *held_new(PyObject *slot, PyObject *keys, PyObject *ctx, PyObject *gen)
 {
@@ -514,8 +439,6 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 	uint16_t ttl_word; /* the TTL/protocol word drops by bytes [1, 0] */
 	memcpy(&ttl_word, "\x01\x00", 2);
 	for (; i < stop; i++) {
-		for (int st = 0; st < PF_STAGES; st++)
-			prefetch_stage(run, i + PF_DIST * (PF_STAGES - st), st);
 		int r = one(PyList_GET_ITEM(run, i), pends, owner, (const uint32_t *)fb.buf,
 			    &nfree, (uint64_t *)lb.buf, lb.len / 8, by_slot, gen, priv_key, vs,
 			    ttl_word);
