@@ -40,9 +40,10 @@ Prints two tables:
    batch); last-used read-back with ``conn_update_many`` and with
    ``batch_submit`` of UPD ops (what the offload manager's aging uses) with
    ``--conns`` (default 1M) connections offloaded. Batched installs go
-   through the compiled common case (ctxdp/providers/_fastadd.c); one row
-   repeats the 1000-ADD batches with it off (the Python path alone) as the
-   in-run baseline. Connections are built before the clock starts, so their
+   through the compiled common case and its native writer thread
+   (ctxdp/providers/_fastadd.c: the kernel's inserts of one chunk overlap
+   the packing of the next); one row repeats the 1000-ADD batches with it
+   off (the Python path alone) as the in-run baseline. Connections are built before the clock starts, so their
    objects are cold when installed, as after a restart. A *connection* is one
    flow in nf_flowtable's sense and writes two map entries (one per
    direction); rates are given per connection and per entry, and the bars

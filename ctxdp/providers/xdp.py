@@ -29,9 +29,12 @@ Contract (see ``ctxdp.providers.base`` for the hook semantics):
   (same slot, last-used kept). On any failure the connection is NOT held and
   no entry of it is left in the map.
 - ``batch_submit``: ops run in order; each run of consecutive ADDs is one
-  update-batch syscall per family (per chunk of ``PIPELINE_CHUNK`` when
-  long), each run of DELs one delete-batch syscall per family; UPD reads the
-  mmap; EST is a no-op; POLICY rewrites; FLUSH flushes.
+  update-batch syscall per family (per chunk when long: a writer thread
+  writes a chunk while the caller packs the next, and the caller writes the
+  last one; with the extension built that thread is native, see
+  ``_fastadd.Writer``), each run of DELs one delete-batch syscall per
+  family; UPD reads the mmap; EST is a no-op; POLICY rewrites; FLUSH
+  flushes.
 - Aging: ``conn_update`` / ``conn_update_many`` / UPD read ``ct_last_used``
   through a shared mmap (no syscall), ns of CLOCK_MONOTONIC -> seconds, the
   clock of ``time.monotonic()``; None if the fast path never hit the flow.
@@ -172,6 +175,26 @@ if _FASTADD is not None:
     _FASTADD.bind(Op, OffloadCtx, FlowDir, _Held)
 
 
+class _Job:
+    """A chunk [lo, hi) of a _Pending handed to the native writer; ``result()``
+    is what ``XdpProvider._push`` returns for it (waited for once, kept)."""
+
+    __slots__ = ("prov", "p", "lo", "hi", "job", "res")
+
+    def __init__(self, prov: XdpProvider, p: _Pending, lo: int, hi: int, job: int) -> None:
+        self.prov, self.p, self.lo, self.hi, self.job = prov, p, lo, hi, job
+        self.res: list[tuple[int, int, bool]] | None = None
+
+    def result(self) -> list[tuple[int, int, bool]]:
+        if self.res is None:
+            done, err = self.prov._writer.wait(self.job)
+            # A shortfall is redone by the Python path from the entry that
+            # failed: it meets the same error and handles it as always (an
+            # unsupported batch command included).
+            self.res = self.prov._push(self.p, self.lo, self.hi, done) if err else []
+        return self.res
+
+
 class _Pending:
     """One family's share of an ADD run: ops in buffer order (op i owns keys
     2i and 2i+1 and the values at ``vbuf[i * 2 * VAL_SIZE:]``), keys a
@@ -290,6 +313,8 @@ class XdpProvider(Provider):
         self._has_lookup_del_batch = True
         self._gen = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._writer: Any = None  # _fastadd.Writer, made on first use
+        self._inflight: list[_Job] = []  # its jobs of the current ADD run
         self._pins_before: set[str] = set()
         self._c = dict.fromkeys(
             (
@@ -519,6 +544,9 @@ class XdpProvider(Provider):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._lu is not None:
             self._lu.release()
             self._lu = None
@@ -1048,16 +1076,31 @@ class XdpProvider(Provider):
                 op.err = 0
                 op.result = v / 1e9 if v else None
 
-    #: ADD runs at least this many connections long are written in chunks of
-    #: this size by a helper thread while the caller packs the next chunk:
-    #: the GIL is released during bpf(2), so kernel inserts (about half a
-    #: microsecond per entry) overlap the packing.
+    #: ADD runs at least twice this long are written in chunks of this size
+    #: by a helper thread while the caller packs the next chunk, so kernel
+    #: inserts (about half a microsecond per entry) overlap the packing.
     PIPELINE_CHUNK = 8192
+    #: With the native writer (``_fastadd.Writer``: no GIL hand-over per
+    #: chunk) shorter runs are pipelined too, in about five chunks of at
+    #: least this many connections; the caller writes the last one itself
+    #: while the writer finishes the others.
+    PIPELINE_MIN = 128
     #: Use the compiled common case of ADD runs when it is built (tests and
     #: bench/xdp_cost.py turn it off to compare with the Python path).
     compiled_add = True
 
     def _add_run(self, run: list[Op]) -> None:
+        """``_add_run_`` and, whatever happens in it, no native-writer job left
+        holding a buffer of this run."""
+        try:
+            self._add_run_(run)
+        finally:
+            for job in self._inflight:
+                if job.res is None:  # only if the run raised: settle already waited
+                    self._writer.wait(job.job)
+            self._inflight.clear()
+
+    def _add_run_(self, run: list[Op]) -> None:
         """Index, pack and write a run of ADDs (one update-batch per family and
         chunk).
 
@@ -1078,7 +1121,15 @@ class XdpProvider(Provider):
         setdefault = owner.setdefault
         entries = L.conn_entries_into
         special = self._prepare_special
-        chunk = self.PIPELINE_CHUNK if len(run) >= 2 * self.PIPELINE_CHUNK else 0
+        fast = _FASTADD.add_new if _FASTADD is not None and self.compiled_add else None
+        n = len(run)
+        if fast is not None and self._has_batch and n >= 2 * self.PIPELINE_MIN:
+            chunk = min(self.PIPELINE_CHUNK, max(self.PIPELINE_MIN, -(-n // 5)))
+            if self._writer is None:
+                self._writer = _FASTADD.Writer()
+            self._writer.wake()  # its wake-up passes while the first chunk is packed
+        else:
+            chunk = self.PIPELINE_CHUNK if n >= 2 * self.PIPELINE_CHUNK else 0
         vs2 = 2 * _VS
         for fam, buf in self._vbufs.items():  # grown, never shrunk: no refill per run
             if len(buf) < vs2 * len(run):
@@ -1175,8 +1226,7 @@ class XdpProvider(Provider):
                 p.pushes.append(self._push_async(p, p.pushed, p.pushed + chunk))
                 p.pushed += chunk
 
-        fast = _FASTADD.add_new if _FASTADD is not None and self.compiled_add else None
-        i, n = 0, len(run)
+        i = 0
         while i < n:
             if fast is not None:
                 stop = min(n, i + chunk) if chunk else n
@@ -1184,14 +1234,14 @@ class XdpProvider(Provider):
                 if k:
                     del free[len(free) - k :]
                     counts[0] += k
-                if chunk:
+                if chunk and j < n:  # the caller writes the last chunk itself
                     pipeline(p4)
                     pipeline(p6)
                 i = j
                 if i == stop:  # got through: the next call starts the next chunk
                     continue
             p = one(run[i])
-            if chunk and p is not None:
+            if chunk and p is not None and i + 1 < n:
                 pipeline(p)
             i += 1
         new, eagain = counts
@@ -1210,12 +1260,29 @@ class XdpProvider(Provider):
             op.err = f.err
 
     def _push_async(self, p: _Pending, lo: int, hi: int):
+        """Start writing connections [lo, hi) of ``p``; ``.result()`` is what
+        ``_push`` returns. With the extension built, the compiled path hands
+        the chunk to the native writer (see ``_fastadd.Writer``); else to a
+        Python thread (the syscall releases the GIL, but the thread has to
+        win it back from the packing loop before each one)."""
+        if _FASTADD is not None and self.compiled_add:
+            if self._writer is None:
+                self._writer = _FASTADD.Writer()
+            if len(self._inflight) >= 200:  # the writer keeps at most 256 jobs
+                self._inflight.pop(0).result()
+            kbuf = b"".join(p.keys[2 * lo : 2 * hi])
+            vbuf = memoryview(p.vbuf)[2 * _VS * lo : 2 * _VS * hi]
+            job = _Job(self, p, lo, hi, self._writer.submit(self._flows[p.fam], kbuf, vbuf,
+                                                            2 * (hi - lo)))
+            self._inflight.append(job)
+            return job
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctxdp-xdp")
         return self._pool.submit(self._push, p, lo, hi)
 
-    def _push(self, p: _Pending, lo: int, hi: int) -> list[tuple[int, int, bool]]:
-        """Write the entries of connections [lo, hi) of ``p`` to its family's map.
+    def _push(self, p: _Pending, lo: int, hi: int, done: int = 0) -> list[tuple[int, int, bool]]:
+        """Write the entries of connections [lo, hi) of ``p`` to its family's
+        map, from entry ``done`` of the range on (the ones before went in).
 
         Returns the refused ones as (connection index, errno, entry 0 went
         in). Touches only the kernel and ``p``'s [lo, hi) range (which the
@@ -1223,7 +1290,7 @@ class XdpProvider(Provider):
         """
         kbuf = b"".join(p.keys[2 * lo : 2 * hi])
         vbuf = memoryview(p.vbuf)[2 * _VS * lo : 2 * _VS * hi]
-        done, need = 0, 2 * (hi - lo)  # entries of the joined buffers
+        need = 2 * (hi - lo)  # entries of the joined buffers
         failed: list[tuple[int, int, bool]] = []
         while done < need:
             try:

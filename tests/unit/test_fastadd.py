@@ -5,20 +5,28 @@ nothing changed, at every op that is not the common case.
 
 No kernel needed: the function works on the provider's Python state (the
 buffers, the key index, the slot allocator, a ct_last_used view), built here.
-Tests with the kernel, for both ADD paths, are in tests/bpf/test_xdp.py.
+Tests with the kernel, for both ADD paths, are in tests/bpf/test_xdp.py. The
+native writer (``_fastadd.Writer``) is tested at the end, on real BPF maps
+(root).
 """
 
 from __future__ import annotations
 
 import array
+import errno
+import os
 import random
+import struct
+import time
 
 import pytest
 
+from ctxdp import bpfsys
 from ctxdp.conntrack.flowtuple import FlowTuple
 from ctxdp.providers import xdp_layout as L
 from ctxdp.providers.base import FlowDir, OffloadCtx, Op, OpKind
 from ctxdp.providers.xdp import _FASTADD, _PRIV, _Held, _Pending
+from tests.privileged import require_root
 
 VS = L.VAL_SIZE
 MAC = [bytes([2, 0, 0, 0, 0, i]) for i in range(4)]
@@ -180,3 +188,83 @@ def test_runs_out_of_slots_part_way():
     st = State(3, 5)
     assert st.add(ops) == (3, 3)
     assert sorted(c.priv[_PRIV].slot for c in (o.ctx for o in ops[:3])) == [0, 1, 2]
+
+
+# --- Writer: update-batches in a native thread (needs root: real BPF maps) --------
+
+KW = struct.Struct("=I")
+VW = struct.Struct("=Q")
+
+
+@pytest.fixture
+def wmap():
+    """A 64-entry hash map u32 -> u64 and a Writer; both closed afterwards."""
+    require_root()
+    fd = bpfsys.map_create("hash", 4, 8, 64, name="t_fastadd_w")
+    w = _FASTADD.Writer()  # type: ignore[union-attr]
+    try:
+        yield fd, w
+    finally:
+        w.close()
+        os.close(fd)
+
+
+def entries(n: int, base: int = 0) -> tuple[bytes, bytearray]:
+    return (
+        b"".join(KW.pack(base + i) for i in range(n)),
+        bytearray(b"".join(VW.pack(7 * (base + i)) for i in range(n))),
+    )
+
+
+def in_map(fd: int) -> dict[int, int]:
+    out = {}
+    for kb, vb, n in bpfsys.map_lookup_batch(fd, 4, 8):
+        for i in range(n):
+            out[KW.unpack_from(kb, 4 * i)[0]] = VW.unpack_from(vb, 8 * i)[0]
+    return out
+
+
+@pytest.mark.privileged
+def test_writer_jobs_land_in_order_with_their_counts(wmap):
+    """Every submitted job is written by the thread and wait() reports all entries done."""
+    fd, w = wmap
+    jobs = [w.submit(fd, *entries(10, 10 * j), 10) for j in range(4)]
+    assert [w.wait(j) for j in jobs] == [(10, 0)] * 4
+    assert in_map(fd) == {i: 7 * i for i in range(40)}
+
+
+@pytest.mark.privileged
+def test_writer_reports_a_partial_write_like_bpfsys(wmap):
+    """A map that fills mid-job gives (entries written, E2BIG); a bad fd refuses up front."""
+    fd, w = wmap
+    assert w.wait(w.submit(fd, *entries(70), 70)) == (64, errno.E2BIG)
+    assert len(in_map(fd)) == 64
+    assert w.wait(w.submit(-1, *entries(2), 2)) == (0, errno.EBADF)
+
+
+@pytest.mark.privileged
+def test_writer_holds_the_buffers_until_waited_for(wmap):
+    """A job's bytearray cannot be resized until wait(); then it can."""
+    fd, w = wmap
+    keys, vals = entries(3)
+    job = w.submit(fd, keys, vals, 3)
+    with pytest.raises(BufferError):
+        vals.extend(b"x")
+    assert w.wait(job) == (3, 0)
+    vals.extend(b"x")
+    with pytest.raises(ValueError):
+        w.wait(job)
+
+
+@pytest.mark.privileged
+def test_writer_wakes_after_sleeping_and_close_drains(wmap):
+    """After the thread slept, wake() and submit still reach it; close() writes what is queued."""
+    fd, w = wmap
+    w.wake()
+    time.sleep(0.01)  # past the thread's polling time: it sleeps
+    assert w.wait(w.submit(fd, *entries(2), 2)) == (2, 0)
+    time.sleep(0.01)
+    w.wake()
+    w.submit(fd, *entries(2, 2), 2)  # never waited for
+    w.close()
+    assert sorted(in_map(fd)) == [0, 1, 2, 3]
