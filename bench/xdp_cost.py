@@ -366,24 +366,30 @@ def control(prov: XdpProvider, v: Veths, n_single: int, n_total: int, batch: int
     assert prov.flush() == 0
     del ctxs
 
-    t = time.perf_counter()
-    ctxs = nat_conns(v, n_total)
-    build = time.perf_counter() - t
-    # A burst-sized batch first (what the daemon submits per receive burst),
-    # on a slice of the connections, then the whole table in big batches.
+    # Burst-sized batches first (what the daemon submits per receive burst),
+    # on 100k connections of their own, built before the 1M set: building
+    # 1M connections takes ~1.5 GB, and on this project's VMs the memory
+    # after such a burst is memory the host has taken back (free page
+    # reporting), whose first touch costs ~15 us per page in clear_page
+    # (measured: 22% of all samples). The 1M row below runs in that state.
     small = min(100_000, n_total)
-    rate = install_batched(prov, ctxs[:small], 1000)
+    burst = nat_conns(v, small)
+    rate = install_batched(prov, burst, 1000)
     out["install batched (batch_submit, 1000 ADD/batch)"] = (small, rate)
     assert prov.flush() == 0
     # Baseline in the same run: the same batches through the Python path
     # alone (the compiled common case off), on now warmer objects.
     prov.compiled_add = False
     try:
-        rate = install_batched(prov, ctxs[:small], 1000)
+        rate = install_batched(prov, burst, 1000)
     finally:
         prov.compiled_add = True
     out["install, Python path only (1000 ADD/batch)"] = (small, rate)
     assert prov.flush() == 0
+    del burst
+    t = time.perf_counter()
+    ctxs = nat_conns(v, n_total)
+    build = time.perf_counter() - t
     rate = install_batched(prov, ctxs, batch)
     out[f"install batched (batch_submit, {batch} ADD/batch)"] = (n_total, rate)
     st = prov.stats()
@@ -488,13 +494,18 @@ def report(dp: dict, cp: dict, a, load_s: float, prov: XdpProvider) -> None:
     for name, (n, rate) in cp.items():
         ent = f"{2 * rate:>12,.0f}" if name.startswith("install") else f"{'-':>12}"
         print(f"{name:<52}{n:>9}{rate:>12,.0f}{ent}")
-    inst = max(r for k, (n, r) in cp.items() if k.startswith("install batched"))
     rb = next(r for k, (n, r) in cp.items() if "conn_update_many" in k)
-    for unit, rate in (("connections", inst), ("entries (one per direction)", 2 * inst)):
-        print(
-            f"bar: batched install >= 500,000 flows/s counting {unit}: {rate:,.0f}/s "
-            f"{'PASS' if rate >= 500_000 else 'MISS'}"
-        )
+    # Each batched row on its own: the burst rows and the 1M row run in
+    # different memory states (see control()), and neither stands for both.
+    for k, (_n, rate) in cp.items():
+        if not k.startswith("install batched"):
+            continue
+        per = k[k.index("(") + 1 : k.index(")")].replace("batch_submit, ", "")
+        for unit, r in (("connections", rate), ("entries", 2 * rate)):
+            print(
+                f"bar: batched install >= 500,000 flows/s counting {unit}, {per}: "
+                f"{r:,.0f}/s {'PASS' if r >= 500_000 else 'MISS'}"
+            )
     print(
         f"bar: read-back {rb:,.0f} conns/s at {a.conns} (>= 2,000,000): "
         f"{'PASS' if rb >= 2_000_000 else 'MISS'}"
