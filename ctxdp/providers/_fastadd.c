@@ -9,11 +9,11 @@
  *     ``held_type`` instances are made without calling its __init__: their
  *     four slots (slot, keys, ctx, gen) are set directly.
  *   add_new(run, i, stop, p4, p6, owner, free, used, lu, by_slot,
- *           gen, priv_key, val_size) -> (j, new)
+ *           gen, priv_idx, val_size) -> (j, new)
  *
  *   Walks run[i:stop] (Op objects of kind ADD) and installs, in Python's
  *   indexes and the family's pending buffers, every op that is the common
- *   case: a new connection (no ``priv_key`` entry in ctx.priv), both
+ *   case: a new connection (ctx.priv, a list, has None at ``priv_idx``), both
  *   directions resolved, of one family (4 or 6) and protocol, with fields
  *   of the right size and range, whose two keys are distinct and owned by
  *   nobody, while a free slot is left. It stops at the first op that is
@@ -29,7 +29,7 @@
  *   free[len(free) - 1 - used - k] for the k-th op handled (the caller
  *   deletes the consumed tail of ``free`` afterwards: an array cannot be
  *   resized while this borrows its buffer), lu[slot] = 0, by_slot[slot] =
- *   owner[k0] = owner[k1] = ctx.priv[priv_key] = held_type(slot, (k0, k1),
+ *   owner[k0] = owner[k1] = ctx.priv[priv_idx] = held_type(slot, (k0, k1),
  *   ctx, gen), op.err = 0, p.written.append(op), p.keys += (k0, k1).
  *
  *   Writer() -> w
@@ -336,10 +336,10 @@ static PyObject *held_new(PyObject *slot, PyObject *keys, PyObject *ctx, PyObjec
 /* Outcome of one op: 1 handled, 0 left to Python, -1 error. */
 static int one(PyObject *op, struct pend *pends, PyObject *owner, const uint32_t *free_slots,
 	       Py_ssize_t *nfree, uint64_t *lu, Py_ssize_t lu_len, PyObject *by_slot,
-	       PyObject *gen, PyObject *priv_key, Py_ssize_t vs, uint16_t ttl_word)
+	       PyObject *gen, Py_ssize_t priv_idx, Py_ssize_t vs, uint16_t ttl_word)
 {
 	PyObject *k0 = NULL, *k1 = NULL, *h = NULL, *pair = NULL, *slot_obj = NULL;
-	int ret = -1, r;
+	int ret = -1;
 	struct dir d0, d1;
 
 	if (*nfree == 0 || Py_TYPE(op) != op_type)
@@ -348,12 +348,11 @@ static int one(PyObject *op, struct pend *pends, PyObject *owner, const uint32_t
 	if (!ctx || Py_TYPE(ctx) != ctx_type)
 		return 0;
 	PyObject *priv = get(ctx, off_ctx_priv), *dirs = get(ctx, off_ctx_dirs);
-	if (!priv || !PyDict_CheckExact(priv) || !dirs || !PyList_CheckExact(dirs) ||
-	    PyList_GET_SIZE(dirs) != 2)
+	if (!priv || !PyList_CheckExact(priv) || PyList_GET_SIZE(priv) <= priv_idx || !dirs ||
+	    !PyList_CheckExact(dirs) || PyList_GET_SIZE(dirs) != 2)
 		return 0;
-	r = PyDict_Contains(priv, priv_key);
-	if (r != 0)
-		return r < 0 ? -1 : 0;
+	if (PyList_GET_ITEM(priv, priv_idx) != Py_None)
+		return 0; /* held already: a rewrite or a duplicate */
 	if (!dir_of(PyList_GET_ITEM(dirs, 0), &d0) || !dir_of(PyList_GET_ITEM(dirs, 1), &d1))
 		return 0;
 	if (d0.fam != d1.fam || d0.proto != d1.proto)
@@ -400,7 +399,10 @@ static int one(PyObject *op, struct pend *pends, PyObject *owner, const uint32_t
 	dir_val(&d1, alen, ttl_word, slot, (struct ct_flow_val *)(vb + vs));
 	lu[slot] = 0; /* a new connection was never seen */
 	Py_INCREF(h);
-	if (PyList_SetItem(by_slot, slot, h) < 0 || PyDict_SetItem(priv, priv_key, h) < 0 ||
+	if (PyList_SetItem(by_slot, slot, h) < 0)
+		goto out;
+	Py_INCREF(h);
+	if (PyList_SetItem(priv, priv_idx, h) < 0 ||
 	    PyList_Append(p->written, op) < 0 || PyList_Append(p->keys, k0) < 0 ||
 	    PyList_Append(p->keys, k1) < 0)
 		goto out;
@@ -428,8 +430,9 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 		return NULL;
 	}
 	PyObject *run = args[0], *owner = args[5], *by_slot = args[9];
-	PyObject *gen = args[10], *priv_key = args[11];
+	PyObject *gen = args[10];
 	Py_ssize_t i = PyLong_AsSsize_t(args[1]), stop = PyLong_AsSsize_t(args[2]);
+	Py_ssize_t priv_idx = PyLong_AsSsize_t(args[11]);
 	Py_ssize_t used = PyLong_AsSsize_t(args[7]), vs = PyLong_AsSsize_t(args[12]);
 	if (PyErr_Occurred())
 		return NULL;
@@ -438,7 +441,7 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 		return NULL;
 	}
 	if (vs < (Py_ssize_t)offsetof(struct ct_flow_val, cnt) || stop > PyList_GET_SIZE(run) ||
-	    i < 0 || used < 0) {
+	    i < 0 || used < 0 || priv_idx < 0) {
 		PyErr_SetString(PyExc_ValueError, "add_new: bad index or value size");
 		return NULL;
 	}
@@ -463,7 +466,7 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 	memcpy(&ttl_word, "\x01\x00", 2);
 	for (; i < stop; i++) {
 		int r = one(PyList_GET_ITEM(run, i), pends, owner, (const uint32_t *)fb.buf,
-			    &nfree, (uint64_t *)lb.buf, lb.len / 8, by_slot, gen, priv_key, vs,
+			    &nfree, (uint64_t *)lb.buf, lb.len / 8, by_slot, gen, priv_idx, vs,
 			    ttl_word);
 		if (r < 0)
 			goto out;

@@ -68,6 +68,12 @@ class FlowDir:
         return self.src_mac is not None and self.dst_mac is not None and self.out_ifindex > 0
 
 
+#: Entries of ``OffloadCtx.priv``: one per provider kind that keeps state per
+#: connection there.
+PRIV_XDP = 0
+PRIV_SLOTS = 1
+
+
 @dataclass(slots=True, eq=False)
 class OffloadCtx:
     """Everything a provider needs to offload one connection.
@@ -76,7 +82,11 @@ class OffloadCtx:
     reply-direction tuple as seen on the wire (after NAT). ``dirs[0]`` is the
     original direction, ``dirs[1]`` the reply direction; either is None until
     the slow path has forwarded a packet that way. ``priv`` is per-provider
-    scratch space keyed by provider name (e.g. the XDP provider's slot).
+    scratch space: one entry per provider kind that keeps per-connection
+    state (index ``PRIV_XDP``...), None when unused. A list made with the
+    ctx rather than a dict keyed by name: the first insert into an empty dict
+    allocates its table (~120 bytes) on the install path of every offloaded
+    connection.
     """
 
     conn: Any  # the owner ctxdp.conntrack Conn
@@ -88,7 +98,7 @@ class OffloadCtx:
     dirs: list[FlowDir | None] = field(default_factory=lambda: [None, None])
     proto_state: str = ""
     mark: int = 0
-    priv: dict[str, Any] = field(default_factory=dict)
+    priv: list[Any] = field(default_factory=lambda: [None] * PRIV_SLOTS)
 
     @property
     def resolved(self) -> bool:

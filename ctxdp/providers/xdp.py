@@ -90,6 +90,7 @@ from typing import Any
 from ctxdp import bpfsys
 from ctxdp.providers import xdp_layout as L
 from ctxdp.providers.base import (
+    PRIV_XDP,
     Batch,
     FlowDir,
     OffloadCtx,
@@ -112,7 +113,7 @@ log = logging.getLogger(__name__)
 #: with the CTXDP_BPF_DIR environment variable or the ``src`` argument.
 BPF_DIR = Path(os.environ.get("CTXDP_BPF_DIR", Path(__file__).resolve().parents[2] / "bpf"))
 
-_PRIV = "xdp"
+_PRIV = PRIV_XDP
 _VS = L.VAL_SIZE
 #: Key size of each family's flow map; a key's length tells its family.
 _KS = {4: L.KEY4_SIZE, 6: L.KEY_SIZE}
@@ -563,7 +564,7 @@ class XdpProvider(Provider):
         self._stats_fd = self._tx_fd = -1
         for h in self._owner.values():
             if h.ctx is not None:
-                h.ctx.priv.pop(_PRIV, None)
+                h.ctx.priv[_PRIV] = None
         self._owner.clear()
         self._by_slot = []
         self._folded = {}
@@ -766,8 +767,8 @@ class XdpProvider(Provider):
             self._n_orphans -= 1
         else:
             self._n_held -= 1
-            if h.ctx.priv.get(_PRIV) is h:
-                del h.ctx.priv[_PRIV]
+            if h.ctx.priv[_PRIV] is h:
+                h.ctx.priv[_PRIV] = None
 
     def _reap(self, o: _Held) -> None:
         """Remove an orphan now (its keys collide with a new connection's)."""
@@ -845,7 +846,7 @@ class XdpProvider(Provider):
         """Rewrite both entries from ``ctx.dirs`` (MAC or route changed)."""
         if self._bpf is None:
             return self._not_started()
-        if ctx.priv.get(_PRIV) is None:
+        if ctx.priv[_PRIV] is None:
             return errno.ENOENT
         self._c["policies"] += 1
         op = Op(OpKind.ADD, ctx)
@@ -863,7 +864,7 @@ class XdpProvider(Provider):
         return 0
 
     def conn_update(self, ctx: OffloadCtx) -> float | None:
-        h = ctx.priv.get(_PRIV)
+        h = ctx.priv[_PRIV]
         if h is None or self._lu is None:
             raise ProviderError(errno.ENOENT, "connection not offloaded to xdp")
         ns = self._lu[h.slot]
@@ -896,7 +897,7 @@ class XdpProvider(Provider):
         else:
             hs = []
             for ctx in ctxs:
-                h = ctx.priv.get(_PRIV)
+                h = ctx.priv[_PRIV]
                 if h is not None and h.ctx is ctx:
                     hs.append(h)
         try:
@@ -1026,7 +1027,7 @@ class XdpProvider(Provider):
             elif kind is OpKind.POLICY:  # rewrites of held connections, one syscall
                 held = []
                 for op in run:
-                    if op.ctx.priv.get(_PRIV) is None:  # type: ignore[union-attr]
+                    if op.ctx.priv[_PRIV] is None:  # type: ignore[union-attr]
                         op.err = errno.ENOENT
                     else:
                         held.append(op)
@@ -1057,7 +1058,7 @@ class XdpProvider(Provider):
         for h in hs:
             self._folded.pop(h.slot, None)
         ok = [h for op, h in zip(run, hs, strict=True)
-              if not op.err and op.ctx.priv.get(_PRIV) is h]  # type: ignore[union-attr]
+              if not op.err and op.ctx.priv[_PRIV] is h]  # type: ignore[union-attr]
         try:
             for slot, row in self._read(ok).items():
                 self._folded[slot] = (row[0], row[1], row[2], row[3])
@@ -1067,7 +1068,7 @@ class XdpProvider(Provider):
     def _upd_run(self, run: list[Op]) -> None:
         lu = self._lu
         for op in run:
-            h = op.ctx.priv.get(_PRIV)  # type: ignore[union-attr]
+            h = op.ctx.priv[_PRIV]  # type: ignore[union-attr]
             if h is None:
                 op.err = errno.ENOENT
                 op.result = None
@@ -1175,7 +1176,7 @@ class XdpProvider(Provider):
                 p = p6
                 voff = len(p6.written) * vs2
                 entries(p6.vbuf, voff, d0, d1, slot)
-            held = ctx.priv.get(PRIV)  # type: ignore[union-attr]
+            held = ctx.priv[PRIV]  # type: ignore[union-attr]
             h = None
             if held is None and free:
                 # Claim both keys with one hash each; back out on a clash.
@@ -1371,7 +1372,7 @@ class XdpProvider(Provider):
         keys: list[Key] = []
         hs: list[_Held] = []
         for op in run:
-            h = op.ctx.priv.get(_PRIV)  # type: ignore[union-attr]
+            h = op.ctx.priv[_PRIV]  # type: ignore[union-attr]
             if h is None or h.ctx is not op.ctx:
                 op.err = errno.ENOENT
                 self._c["del_unknown"] += 1
@@ -1492,13 +1493,13 @@ class XdpProvider(Provider):
 
     def last_used_ns(self, ctx: OffloadCtx) -> int:
         """Raw ct_last_used stamp (ns) of a held connection; 0 = never."""
-        h = ctx.priv.get(_PRIV)
+        h = ctx.priv[_PRIV]
         if h is None or self._lu is None:
             raise ProviderError(errno.ENOENT, "connection not offloaded to xdp")
         return self._lu[h.slot]
 
     def slot_of(self, ctx: OffloadCtx) -> int | None:
-        h = ctx.priv.get(_PRIV)
+        h = ctx.priv[_PRIV]
         return None if h is None else h.slot
 
     def stats(self) -> dict[str, int]:

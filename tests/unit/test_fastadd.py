@@ -165,7 +165,7 @@ def test_stops_at_an_uncommon_op_without_touching_it(case):
         bad = replaced
     ops = [Op(OpKind.ADD, c, err=-1) for c in (good, bad, after)]
     owned = dict(st.owner)
-    priv = dict(bad.priv)
+    priv = list(bad.priv)
     assert st.add(ops) == (1, 1)
     assert ops[1].err == -1 and bad.priv == priv
     assert {k: v for k, v in st.owner.items() if k not in good.priv[_PRIV].keys} == owned
