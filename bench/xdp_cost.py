@@ -43,9 +43,10 @@ Prints two tables:
    through the compiled common case and its native writer thread
    (ctxdp/providers/_fastadd.c: the kernel's inserts of one chunk overlap
    the packing of the next); one row repeats the 1000-ADD batches with it
-   off (the Python path alone) as the in-run baseline. 1000 ADDs is the
-   daemon's batch (the offload manager submits at most ``max_batch`` =
-   1024 ops at once). Connections are built before the clock starts. The
+   off (the Python path alone) as the in-run baseline. 1000 ADDs is about
+   the largest batch the daemon submits (the offload manager's
+   ``max_batch`` is 1024: re-offers after a restart or a policy change; a
+   receive burst brings fewer). Connections are built before the clock starts. The
    burst rows run on 100k connections of their own before the ``--conns``
    set is built, and once more on that set right after its build: on this
    project's VMs the memory handed out after a ~1.5 GB burst is memory the

@@ -1082,10 +1082,10 @@ class XdpProvider(Provider):
     #: inserts (about half a microsecond per entry) overlap the packing.
     PIPELINE_CHUNK = 8192
     #: With the native writer (``_fastadd.Writer``: no GIL hand-over per
-    #: chunk) shorter runs are pipelined too, in about five chunks of at
-    #: least this many connections; the caller writes the last one itself
-    #: while the writer finishes the others.
-    PIPELINE_MIN = 128
+    #: chunk) runs of at least twice this many connections are pipelined
+    #: too, in chunks of a fifth of the run (at least this many); the caller
+    #: writes the last one itself while the writer finishes the others.
+    PIPELINE_MIN = 32
     #: Use the compiled common case of ADD runs when it is built (tests and
     #: bench/xdp_cost.py turn it off to compare with the Python path).
     compiled_add = True
