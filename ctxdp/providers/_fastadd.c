@@ -26,9 +26,9 @@
  *   does: the two keys and values are those of xdp_layout.conn_entries_into
  *   (checked byte for byte by tests/unit/test_fastadd.py), values are
  *   written at p.vbuf[len(p.written) * 2 * val_size], the slot is
- *   free[len(free) - 1 - used - k] for the k-th op handled (the caller
- *   deletes the consumed tail of ``free`` afterwards: an array cannot be
- *   resized while this borrows its buffer), lu[slot] = 0, by_slot[slot] =
+ *   the int object free[len(free) - 1 - used - k] (a list) for the k-th op
+ *   handled (the caller deletes the consumed tail of ``free`` afterwards,
+ *   in one go), lu[slot] = 0, by_slot[slot] =
  *   owner[k0] = owner[k1] = ctx.priv[priv_idx] = held_type(slot, (k0, k1),
  *   ctx, gen), op.err = 0, p.written.append(op), p.keys += (k0, k1).
  *
@@ -334,11 +334,11 @@ static PyObject *held_new(PyObject *slot, PyObject *keys, PyObject *ctx, PyObjec
 }
 
 /* Outcome of one op: 1 handled, 0 left to Python, -1 error. */
-static int one(PyObject *op, struct pend *pends, PyObject *owner, const uint32_t *free_slots,
+static int one(PyObject *op, struct pend *pends, PyObject *owner, PyObject *free_list,
 	       Py_ssize_t *nfree, uint64_t *lu, Py_ssize_t lu_len, PyObject *by_slot,
 	       PyObject *gen, Py_ssize_t priv_idx, Py_ssize_t vs, uint16_t ttl_word)
 {
-	PyObject *k0 = NULL, *k1 = NULL, *h = NULL, *pair = NULL, *slot_obj = NULL;
+	PyObject *k0 = NULL, *k1 = NULL, *h = NULL, *pair = NULL;
 	int ret = -1;
 	struct dir d0, d1;
 
@@ -357,9 +357,13 @@ static int one(PyObject *op, struct pend *pends, PyObject *owner, const uint32_t
 		return 0;
 	if (d0.fam != d1.fam || d0.proto != d1.proto)
 		return 0;
-	uint32_t slot = free_slots[*nfree - 1];
-	if ((Py_ssize_t)slot >= lu_len || (Py_ssize_t)slot >= PyList_GET_SIZE(by_slot))
+	/* The slot's int object comes from the pool and goes back to it on
+	 * release: installing a connection allocates no int. */
+	PyObject *slot_obj = PyList_GET_ITEM(free_list, *nfree - 1); /* borrowed */
+	long sv;
+	if (!int_in(slot_obj, 0, UINT32_MAX, &sv) || sv >= lu_len || sv >= PyList_GET_SIZE(by_slot))
 		return 0;
+	uint32_t slot = (uint32_t)sv;
 	struct pend *p = &pends[d0.fam == 4 ? 0 : 1];
 	Py_ssize_t voff = PyList_GET_SIZE(p->written) * 2 * vs;
 	if (voff + 2 * vs > PyByteArray_GET_SIZE(p->vbuf))
@@ -373,8 +377,7 @@ static int one(PyObject *op, struct pend *pends, PyObject *owner, const uint32_t
 		ret = 0;
 		goto out;
 	}
-	if (!(slot_obj = PyLong_FromUnsignedLong(slot)) || !(pair = PyTuple_Pack(2, k0, k1)) ||
-	    !(h = held_new(slot_obj, pair, ctx, gen)))
+	if (!(pair = PyTuple_Pack(2, k0, k1)) || !(h = held_new(slot_obj, pair, ctx, gen)))
 		goto out;
 	/* Claim both keys with one hash each; back out on a clash. */
 	PyObject *o0 = PyDict_SetDefault(owner, k0, h);
@@ -413,7 +416,6 @@ out:
 	Py_XDECREF(k0);
 	Py_XDECREF(k1);
 	Py_XDECREF(pair);
-	Py_XDECREF(slot_obj);
 	Py_XDECREF(h);
 	return ret;
 }
@@ -436,8 +438,11 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 	Py_ssize_t used = PyLong_AsSsize_t(args[7]), vs = PyLong_AsSsize_t(args[12]);
 	if (PyErr_Occurred())
 		return NULL;
-	if (!PyList_CheckExact(run) || !PyDict_CheckExact(owner) || !PyList_CheckExact(by_slot)) {
-		PyErr_SetString(PyExc_TypeError, "add_new: run/by_slot must be lists, owner a dict");
+	PyObject *free_list = args[6];
+	if (!PyList_CheckExact(run) || !PyDict_CheckExact(owner) || !PyList_CheckExact(by_slot) ||
+	    !PyList_CheckExact(free_list)) {
+		PyErr_SetString(PyExc_TypeError,
+				"add_new: run/free/by_slot must be lists, owner a dict");
 		return NULL;
 	}
 	if (vs < (Py_ssize_t)offsetof(struct ct_flow_val, cnt) || stop > PyList_GET_SIZE(run) ||
@@ -446,18 +451,16 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 		return NULL;
 	}
 	struct pend pends[2] = {{0}};
-	Py_buffer fb = {0}, lb = {0};
+	Py_buffer lb = {0};
 	PyObject *res = NULL;
 	Py_ssize_t new = 0;
 	if (pend_of(args[3], &pends[0]) < 0 || pend_of(args[4], &pends[1]) < 0)
 		goto out;
-	/* ``free`` is an array('I') of slots, ``lu`` the writable memoryview
-	 * ('Q') over the mmap'ed ct_last_used: both used in place. */
-	if (PyObject_GetBuffer(args[6], &fb, PyBUF_SIMPLE) < 0)
-		goto out;
+	/* ``lu`` is the writable memoryview ('Q') over the mmap'ed
+	 * ct_last_used, written in place. */
 	if (PyObject_GetBuffer(args[8], &lb, PyBUF_WRITABLE) < 0)
 		goto out;
-	Py_ssize_t nfree = fb.len / 4 - used;
+	Py_ssize_t nfree = PyList_GET_SIZE(free_list) - used;
 	if (nfree < 0) {
 		PyErr_SetString(PyExc_ValueError, "add_new: used > len(free)");
 		goto out;
@@ -465,7 +468,7 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 	uint16_t ttl_word; /* the TTL/protocol word drops by bytes [1, 0] */
 	memcpy(&ttl_word, "\x01\x00", 2);
 	for (; i < stop; i++) {
-		int r = one(PyList_GET_ITEM(run, i), pends, owner, (const uint32_t *)fb.buf,
+		int r = one(PyList_GET_ITEM(run, i), pends, owner, free_list,
 			    &nfree, (uint64_t *)lb.buf, lb.len / 8, by_slot, gen, priv_idx, vs,
 			    ttl_word);
 		if (r < 0)
@@ -476,8 +479,6 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 	}
 	res = Py_BuildValue("(nn)", i, new);
 out:
-	if (fb.obj)
-		PyBuffer_Release(&fb);
 	if (lb.obj)
 		PyBuffer_Release(&lb);
 	pend_drop(&pends[0]);

@@ -74,7 +74,6 @@ Contract (see ``ctxdp.providers.base`` for the hook semantics):
 
 from __future__ import annotations
 
-import array
 import ctypes
 import errno
 import logging
@@ -306,7 +305,9 @@ class XdpProvider(Provider):
         self._owner: dict[bytes, _Held] = {}
         self._vbufs = {4: bytearray(), 6: bytearray()}  # ADD runs' value buffers
         self._by_slot: list[_Held | None] = []
-        self._free = array.array("I")
+        # Free slots, as int objects made once at start and handed back on
+        # release: a connection's slot then costs no allocation on install.
+        self._free: list[int] = []
         self._n_held = 0
         self._n_orphans = 0
         self._has_batch = True
@@ -539,7 +540,7 @@ class XdpProvider(Provider):
         self._lu = memoryview(self._lu_mmap).cast("Q")
         self._folded = {}
         self._by_slot = [None] * self.max_conns
-        self._free = array.array("I", range(self.max_conns - 1, -1, -1))
+        self._free = list(range(self.max_conns - 1, -1, -1))
 
     def _release(self) -> None:
         if self._pool is not None:
@@ -568,7 +569,7 @@ class XdpProvider(Provider):
         self._owner.clear()
         self._by_slot = []
         self._folded = {}
-        self._free = array.array("I")
+        self._free = []
         self._n_held = self._n_orphans = 0
 
     # --- attaching -----------------------------------------------------------
@@ -678,9 +679,7 @@ class XdpProvider(Provider):
         self._n_orphans = len(used)
         if bad:
             self._delete(bad)
-        self._free = array.array(
-            "I", (s for s in range(self.max_conns - 1, -1, -1) if s not in used)
-        )
+        self._free = [s for s in range(self.max_conns - 1, -1, -1) if s not in used]
         self._c["adopted"] += self._n_orphans
         if self._n_orphans:
             log.info("xdp: adopted %d offloaded connections from %s", self._n_orphans, self.pin_dir)

@@ -12,7 +12,6 @@ native writer (``_fastadd.Writer``) is tested at the end, on real BPF maps
 
 from __future__ import annotations
 
-import array
 import errno
 import os
 import random
@@ -47,7 +46,7 @@ class State:
         self.p4 = _Pending(4, bytearray(2 * VS * run_len))
         self.p6 = _Pending(6, bytearray(2 * VS * run_len))
         self.owner: dict[bytes, _Held] = {}
-        self.free = array.array("I", range(n - 1, -1, -1))
+        self.free = list(range(n - 1, -1, -1))
         self.lu_buf = bytearray(b"\xff" * 8 * n)  # "stamped": a new slot must be zeroed
         self.lu = memoryview(self.lu_buf).cast("Q")
         self.by_slot: list[_Held | None] = [None] * n
@@ -177,17 +176,23 @@ def test_no_free_slot_handles_nothing():
     """With the allocator empty every op is left to Python (ENOSPC there)."""
     ops = [Op(OpKind.ADD, c, err=-1) for c in mixed(2)]
     st = State(4, 2)
-    st.free = array.array("I")
+    st.free = []
     assert st.add(ops) == (0, 0)
     assert [o.err for o in ops] == [-1, -1] and not st.owner
 
 
 def test_runs_out_of_slots_part_way():
-    """It hands out the free slots it was given, then stops."""
+    """It hands out the free slots it was given (their very int objects), then stops."""
     ops = [Op(OpKind.ADD, c, err=-1) for c in mixed(5)]
     st = State(3, 5)
+    st.free = [1000 + i for i in (2, 1, 0)]  # not cached small ints: identity tells
+    pool = list(st.free)
+    st.by_slot += [None] * 1000
+    st.lu = memoryview(bytearray(8 * 1003)).cast("Q")
     assert st.add(ops) == (3, 3)
-    assert sorted(c.priv[_PRIV].slot for c in (o.ctx for o in ops[:3])) == [0, 1, 2]
+    slots = [c.priv[_PRIV].slot for c in (o.ctx for o in ops[:3])]
+    assert sorted(slots) == [1000, 1001, 1002]
+    assert all(any(s is p for p in pool) for s in slots)
 
 
 # --- Writer: update-batches in a native thread (needs root: real BPF maps) --------
