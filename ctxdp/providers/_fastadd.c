@@ -43,6 +43,9 @@
  *     semantics: a refusal up front has done == 0). w.close() waits for
  *     the queue and ends the thread (also on dealloc). The thread polls for
  *     a while after each job, then sleeps; w.wake() gets it polling again.
+ *     One thread submits and waits (the provider is single-threaded). In a
+ *     child after fork() the parent's queue is dropped and a new thread
+ *     starts on the next submit.
  *
  * Why C: this loop is what the batched install rate rests on. In Python it
  * costs ~3.5 us per connection, three times what the kernel needs for the
@@ -566,6 +569,7 @@ typedef struct {
 	pthread_cond_t work, fin;
 	pthread_t th;
 	int started, stopping;
+	pid_t pid;      /* the process the thread runs in (see writer_forked) */
 	uint64_t head;  /* jobs submitted (written by the caller) */
 	uint64_t ran;   /* jobs finished (written by the thread) */
 	int wsleep;     /* the thread sleeps on ``work`` */
@@ -658,10 +662,31 @@ static PyObject *writer_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 	return (PyObject *)w;
 }
 
+/* After fork() the child has this object but not the thread: forget the
+ * parent's queue (its buffers are the child's copies) so that the next
+ * submit starts a thread of the child's own instead of waiting forever. */
+static void writer_forked(Writer *w)
+{
+	if (!w->started || w->pid == getpid())
+		return;
+	for (int i = 0; i < WJOBS; i++) {
+		if (w->jobs[i].k.obj)
+			PyBuffer_Release(&w->jobs[i].k);
+		if (w->jobs[i].v.obj)
+			PyBuffer_Release(&w->jobs[i].v);
+	}
+	pthread_mutex_init(&w->mu, NULL);
+	pthread_cond_init(&w->work, NULL);
+	pthread_cond_init(&w->fin, NULL);
+	w->started = w->stopping = w->wsleep = w->msleep = w->kick = 0;
+	w->head = w->ran = 0;
+}
+
 /* Wait (GIL released) until every submitted job ran, end the thread, then
  * release the buffers of jobs nobody waited for. */
 static void writer_stop(Writer *w)
 {
+	writer_forked(w);
 	if (w->started) {
 		Py_BEGIN_ALLOW_THREADS
 		pthread_mutex_lock(&w->mu);
@@ -692,12 +717,14 @@ static void writer_dealloc(Writer *w)
 
 static int writer_start(Writer *w)
 {
+	writer_forked(w);
 	if (!w->started) {
 		if ((errno = pthread_create(&w->th, NULL, writer_main, w)) != 0) {
 			PyErr_SetFromErrno(PyExc_OSError);
 			return -1;
 		}
 		w->started = 1;
+		w->pid = getpid();
 	}
 	return 0;
 }
@@ -754,6 +781,7 @@ static PyObject *writer_wait(Writer *w, PyObject *arg)
 	unsigned long long id = PyLong_AsUnsignedLongLong(arg);
 	if (PyErr_Occurred())
 		return NULL;
+	writer_forked(w);
 	struct wjob *j = &w->jobs[id % WJOBS];
 	if (id >= w->head || !j->k.obj) {
 		PyErr_SetString(PyExc_ValueError, "Writer.wait: no such job");

@@ -273,3 +273,28 @@ def test_writer_wakes_after_sleeping_and_close_drains(wmap):
     w.submit(fd, *entries(2, 2), 2)  # never waited for
     w.close()
     assert sorted(in_map(fd)) == [0, 1, 2, 3]
+
+
+@pytest.mark.privileged
+def test_writer_works_in_a_forked_child(wmap):
+    """A child forked after the thread started gets a writer thread of its own."""
+    fd, w = wmap
+    assert w.wait(w.submit(fd, *entries(2), 2)) == (2, 0)  # the parent's thread runs
+    pid = os.fork()
+    if pid == 0:  # child: without its own thread, wait() would block forever
+        ok = False
+        try:
+            ok = w.wait(w.submit(fd, *entries(2, 2), 2)) == (2, 0)
+            w.close()
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done == (0, 0):
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's writer never ran its job")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert sorted(in_map(fd)) == [0, 1, 2, 3]
+    assert w.wait(w.submit(fd, *entries(1, 4), 1)) == (1, 0)  # the parent's is unharmed
