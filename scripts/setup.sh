@@ -115,8 +115,10 @@ fi
 
 stamp="$VENV/.ctxdp-installed"
 # Reinstall when the project or the C extension's sources change (the
-# editable install compiles ctxdp/providers/_fastadd.c against bpf/ct_offload.h).
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/ctxdp/providers/_fastadd.c" "$ROOT/bpf/ct_offload.h" \
+# editable install compiles ctxdp/providers/_fastadd.c with _keyindex.h and
+# bpf/ct_offload.h).
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/ctxdp/providers/_fastadd.c" \
+        "$ROOT/ctxdp/providers/_keyindex.h" "$ROOT/bpf/ct_offload.h" \
         | sha256sum | cut -c1-16)-$EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing ctxdp[$EXTRAS] into the venv"

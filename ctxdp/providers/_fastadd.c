@@ -32,6 +32,10 @@
  *   owner[k0] = owner[k1] = ctx.priv[priv_idx] = held_type(slot, (k0, k1),
  *   ctx, gen), op.err = 0, p.written.append(op), p.keys += (k0, k1).
  *
+ *   KeyIndex(nslots) -> index
+ *     the key -> slot index of ctxdp.providers.keyindex (its contract),
+ *     over _keyindex.h: memory for every slot taken and populated here.
+ *
  *   Writer() -> w
  *     one native thread that runs BPF_MAP_UPDATE_BATCH without the GIL.
  *     w.submit(fd, keys, values, count) -> job: queue a write of ``count``
@@ -78,6 +82,7 @@
 #include <sys/syscall.h>
 
 #include "ct_offload.h"
+#include "_keyindex.h"
 
 #include "structmember.h"
 
@@ -295,6 +300,271 @@ static PyObject *dir_key(const struct dir *d)
 	memcpy(k.dst, d->mdst, 16);
 	return PyBytes_FromStringAndSize((const char *)&k, sizeof(k));
 }
+
+/* --- KeyIndex: the key -> slot index (see _keyindex.h) ---------------------- */
+
+typedef struct {
+	PyObject_HEAD
+	struct keyindex ki;
+} KeyIndex;
+
+static PyTypeObject KeyIndexType;
+
+/* Python's keyed hash of the key bytes (siphash, randomised per process). */
+static inline uint64_t key_hash(const void *k, uint32_t klen)
+{
+	return (uint64_t)_Py_HashBytes(k, (Py_ssize_t)klen);
+}
+
+static PyObject *ki_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
+{
+	unsigned long n;
+	static char *kwlist[] = {"nslots", NULL};
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "k", kwlist, &n))
+		return NULL;
+	if (n == 0 || n > KI_MAX_SLOTS) {
+		PyErr_Format(PyExc_ValueError, "KeyIndex: nslots must be in 1..%u", KI_MAX_SLOTS);
+		return NULL;
+	}
+	KeyIndex *self = (KeyIndex *)tp->tp_alloc(tp, 0);
+	if (!self)
+		return NULL;
+	if (ki_init(&self->ki, (uint32_t)n) < 0) {
+		Py_DECREF(self);
+		return PyErr_SetFromErrno(PyExc_OSError);
+	}
+	return (PyObject *)self;
+}
+
+static void ki_dealloc(KeyIndex *self)
+{
+	ki_free(&self->ki);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A slot number argument into *slot; -1 with IndexError if out of range. */
+static int slot_arg(KeyIndex *self, PyObject *o, uint32_t *slot)
+{
+	Py_ssize_t v = PyLong_AsSsize_t(o);
+	if (v == -1 && PyErr_Occurred())
+		return -1;
+	if (v < 0 || v >= (Py_ssize_t)self->ki.nslots) {
+		PyErr_Format(PyExc_IndexError, "KeyIndex: slot %zd out of range", v);
+		return -1;
+	}
+	*slot = (uint32_t)v;
+	return 0;
+}
+
+/* The key bytes of ``o`` (any C-contiguous buffer) into *pb; -1 with
+ * ValueError if its length is not 1..KI_KMAX. Release pb when 0. */
+static int key_arg(PyObject *o, Py_buffer *pb)
+{
+	if (PyObject_GetBuffer(o, pb, PyBUF_SIMPLE) < 0)
+		return -1;
+	if (pb->len < 1 || pb->len > KI_KMAX) {
+		PyErr_Format(PyExc_ValueError, "KeyIndex: a key is 1..%d bytes, not %zd", KI_KMAX,
+			     pb->len);
+		PyBuffer_Release(pb);
+		return -1;
+	}
+	return 0;
+}
+
+static PyObject *ki_py_find(KeyIndex *self, PyObject *key)
+{
+	Py_buffer kb;
+	if (key_arg(key, &kb) < 0)
+		return NULL;
+	int64_t ref = ki_find(&self->ki, kb.buf, (uint32_t)kb.len, key_hash(kb.buf, (uint32_t)kb.len));
+	PyBuffer_Release(&kb);
+	return PyLong_FromLongLong(ref);
+}
+
+static PyObject *ki_py_keys(KeyIndex *self, PyObject *arg)
+{
+	uint32_t slot;
+	if (slot_arg(self, arg, &slot) < 0)
+		return NULL;
+	const struct ki_rec *r = &self->ki.rec[slot];
+	PyObject *t = PyTuple_New(r->nk);
+	if (!t)
+		return NULL;
+	for (int d = 0; d < r->nk; d++) {
+		PyObject *k = PyBytes_FromStringAndSize((const char *)r->k[d], r->klen);
+		if (!k) {
+			Py_DECREF(t);
+			return NULL;
+		}
+		PyTuple_SET_ITEM(t, d, k);
+	}
+	return t;
+}
+
+/* Empty ``slot``'s record and take its keys out of the table. */
+static void slot_drop(struct keyindex *ki, uint32_t slot)
+{
+	struct ki_rec *r = &ki->rec[slot];
+	for (uint32_t d = 0; d < r->nk; d++)
+		ki_remove(ki, 2 * slot + d, key_hash(r->k[d], r->klen));
+	r->nk = 0;
+}
+
+/* ``slot`` now holds the ``nk`` keys of ``klen`` bytes at ``keys[d]``,
+ * whose hashes are ``hs[d]``; the caller checked nobody else holds them. */
+static void slot_set(struct keyindex *ki, uint32_t slot, uint32_t nk, uint32_t klen,
+		     const uint8_t *const *keys, const uint64_t *hs)
+{
+	slot_drop(ki, slot);
+	struct ki_rec *r = &ki->rec[slot];
+	r->klen = (uint8_t)klen;
+	for (uint32_t d = 0; d < nk; d++)
+		memcpy(r->k[d], keys[d], klen);
+	r->nk = (uint8_t)nk;
+	for (uint32_t d = 0; d < nk; d++)
+		ki_insert(ki, 2 * slot + d, hs[d]);
+}
+
+static PyObject *ki_py_put(KeyIndex *self, PyObject *args)
+{
+	PyObject *so, *seq;
+	uint32_t slot;
+	if (!PyArg_ParseTuple(args, "OO", &so, &seq) || slot_arg(self, so, &slot) < 0)
+		return NULL;
+	if (!PyTuple_Check(seq) && !PyList_Check(seq)) {
+		PyErr_SetString(PyExc_TypeError, "KeyIndex.put: keys must be a tuple or a list");
+		return NULL;
+	}
+	Py_ssize_t nk = PySequence_Fast_GET_SIZE(seq);
+	if (nk > 2) {
+		PyErr_SetString(PyExc_ValueError, "KeyIndex.put: at most two keys per slot");
+		return NULL;
+	}
+	Py_buffer kb[2];
+	const uint8_t *kp[2];
+	uint64_t hs[2];
+	Py_ssize_t got = 0;
+	PyObject *res = NULL;
+	for (; got < nk; got++) {
+		if (key_arg(PySequence_Fast_GET_ITEM(seq, got), &kb[got]) < 0)
+			goto out;
+		kp[got] = kb[got].buf;
+		hs[got] = key_hash(kb[got].buf, (uint32_t)kb[got].len);
+	}
+	if (nk == 2 && (kb[0].len != kb[1].len || memcmp(kp[0], kp[1], kb[0].len) == 0)) {
+		PyErr_SetString(PyExc_ValueError,
+				"KeyIndex.put: a slot's two keys are distinct and of one length");
+		goto out;
+	}
+	for (Py_ssize_t d = 0; d < nk; d++) {
+		int64_t ref = ki_find(&self->ki, kp[d], (uint32_t)kb[d].len, hs[d]);
+		if (ref >= 0 && (uint32_t)(ref >> 1) != slot) {
+			PyErr_Format(PyExc_ValueError, "KeyIndex.put: key %zd is held by slot %lld",
+				     d, (long long)(ref >> 1));
+			goto out;
+		}
+	}
+	slot_set(&self->ki, slot, (uint32_t)nk, nk ? (uint32_t)kb[0].len : 0, kp, hs);
+	res = Py_NewRef(Py_None);
+out:
+	for (Py_ssize_t d = 0; d < got; d++)
+		PyBuffer_Release(&kb[d]);
+	return res;
+}
+
+static PyObject *ki_py_drop(KeyIndex *self, PyObject *arg)
+{
+	uint32_t slot;
+	if (slot_arg(self, arg, &slot) < 0)
+		return NULL;
+	slot_drop(&self->ki, slot);
+	Py_RETURN_NONE;
+}
+
+static PyObject *ki_py_dir_of(KeyIndex *self, PyObject *const *args, Py_ssize_t nargs)
+{
+	uint32_t slot;
+	if (nargs != 4) {
+		PyErr_SetString(PyExc_TypeError, "KeyIndex.dir_of(slot, buf, off, klen)");
+		return NULL;
+	}
+	if (slot_arg(self, args[0], &slot) < 0)
+		return NULL;
+	Py_ssize_t off = PyLong_AsSsize_t(args[2]), klen = PyLong_AsSsize_t(args[3]);
+	if (PyErr_Occurred())
+		return NULL;
+	Py_buffer b;
+	if (PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0)
+		return NULL;
+	long dir = -1;
+	if (off < 0 || klen < 0 || off > b.len || klen > b.len - off) {
+		PyBuffer_Release(&b);
+		PyErr_SetString(PyExc_IndexError, "KeyIndex.dir_of: key outside the buffer");
+		return NULL;
+	}
+	const struct ki_rec *r = &self->ki.rec[slot];
+	if (r->klen == klen)
+		for (int d = 0; d < r->nk && dir < 0; d++)
+			if (memcmp(r->k[d], (const char *)b.buf + off, (size_t)klen) == 0)
+				dir = d;
+	PyBuffer_Release(&b);
+	return PyLong_FromLong(dir);
+}
+
+static PyObject *ki_py_clear(KeyIndex *self, PyObject *unused)
+{
+	(void)unused;
+	ki_clear(&self->ki);
+	Py_RETURN_NONE;
+}
+
+static Py_ssize_t ki_len(KeyIndex *self)
+{
+	return (Py_ssize_t)self->ki.nkeys;
+}
+
+static PyObject *ki_get_nslots(KeyIndex *self, void *closure)
+{
+	(void)closure;
+	return PyLong_FromUnsignedLong(self->ki.nslots);
+}
+
+static PyObject *ki_get_nbytes(KeyIndex *self, void *closure)
+{
+	(void)closure;
+	return PyLong_FromSize_t(self->ki.rec_len + self->ki.tab_len);
+}
+
+static PyMethodDef ki_methods[] = {
+	{"find", (PyCFunction)ki_py_find, METH_O, "find(key) -> 2 * slot + dir holding key, or -1."},
+	{"keys", (PyCFunction)ki_py_keys, METH_O, "keys(slot) -> the slot's keys (a tuple)."},
+	{"put", (PyCFunction)ki_py_put, METH_VARARGS, "put(slot, keys): the slot holds keys now."},
+	{"drop", (PyCFunction)ki_py_drop, METH_O, "drop(slot): the slot holds no key."},
+	{"dir_of", (PyCFunction)(void (*)(void))ki_py_dir_of, METH_FASTCALL,
+	 "dir_of(slot, buf, off, klen) -> dir of the slot's key buf[off:off+klen], or -1."},
+	{"clear", (PyCFunction)ki_py_clear, METH_NOARGS, "Every slot empty."},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ki_getset[] = {
+	{"nslots", (getter)ki_get_nslots, NULL, "slots", NULL},
+	{"nbytes", (getter)ki_get_nbytes, NULL, "memory mapped for the index", NULL},
+	{NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods ki_as_seq = {.sq_length = (lenfunc)ki_len};
+
+static PyTypeObject KeyIndexType = {
+	PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_fastadd.KeyIndex",
+	.tp_basicsize = sizeof(KeyIndex),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "The key -> slot index in memory taken at construction (ctxdp.providers.keyindex).",
+	.tp_new = ki_new,
+	.tp_dealloc = (destructor)ki_dealloc,
+	.tp_methods = ki_methods,
+	.tp_getset = ki_getset,
+	.tp_as_sequence = &ki_as_seq,
+};
 
 /* The pending-run state of one family, borrowed from its _Pending. */
 struct pend {
@@ -852,14 +1122,13 @@ PyMODINIT_FUNC PyInit__fastadd(void)
 	    !(s_keys = PyUnicode_InternFromString("keys")) ||
 	    !(s_vbuf = PyUnicode_InternFromString("vbuf")) || !(zero = PyLong_FromLong(0)))
 		return NULL;
-	if (PyType_Ready(&WriterType) < 0)
+	if (PyType_Ready(&WriterType) < 0 || PyType_Ready(&KeyIndexType) < 0)
 		return NULL;
 	PyObject *m = PyModule_Create(&module);
 	if (!m)
 		return NULL;
-	Py_INCREF(&WriterType);
-	if (PyModule_AddObject(m, "Writer", (PyObject *)&WriterType) < 0) {
-		Py_DECREF(&WriterType);
+	if (PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0 ||
+	    PyModule_AddObjectRef(m, "KeyIndex", (PyObject *)&KeyIndexType) < 0) {
 		Py_DECREF(m);
 		return NULL;
 	}
