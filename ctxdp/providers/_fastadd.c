@@ -7,30 +7,33 @@
  *     and writes in place (by their member offsets, found here; an instance
  *     of any other type, a subclass included, is left to Python).
  *     ``held_type`` instances are made without calling its __init__: their
- *     four slots (slot, keys, ctx, gen) are set directly.
- *   add_new(run, i, stop, p4, p6, owner, free, used, lu, by_slot,
+ *     three slots (slot, ctx, gen) are set directly.
+ *   add_new(run, i, stop, p4, p6, index, free, used, lu, by_slot,
  *           gen, priv_idx, val_size) -> (j, new)
  *
- *   Walks run[i:stop] (Op objects of kind ADD) and installs, in Python's
- *   indexes and the family's pending buffers, every op that is the common
- *   case: a new connection (ctx.priv, a list, has None at ``priv_idx``), both
- *   directions resolved, of one family (4 or 6) and protocol, with fields
- *   of the right size and range, whose two keys are distinct and owned by
- *   nobody, while a free slot is left. It stops at the first op that is
- *   anything else and returns its index ``j`` (== stop when it got through),
- *   having changed nothing for that op: ``XdpProvider`` handles it with the
- *   Python code, which is the definition of every uncommon case. ``new`` is
- *   the number of connections it installed.
+ *   Walks run[i:stop] (Op objects of kind ADD) and installs, in the
+ *   provider's indexes and the family's pending buffers, every op that is
+ *   the common case: a new connection (ctx.priv, a list, has None at
+ *   ``priv_idx``), both directions resolved, of one family (4 or 6) and
+ *   protocol, with fields of the right size and range, whose two keys are
+ *   distinct and held by nobody in ``index`` (a KeyIndex), while a free
+ *   slot is left. It stops at the first op that is anything else and
+ *   returns its index ``j`` (== stop when it got through), having changed
+ *   nothing for that op: ``XdpProvider`` handles it with the Python code,
+ *   which is the definition of every uncommon case. ``new`` is the number
+ *   of connections it installed.
  *
  *   For each op it handles it does exactly what the Python common path
  *   does: the two keys and values are those of xdp_layout.conn_entries_into
- *   (checked byte for byte by tests/unit/test_fastadd.py), values are
- *   written at p.vbuf[len(p.written) * 2 * val_size], the slot is
- *   the int object free[len(free) - 1 - used - k] (a list) for the k-th op
- *   handled (the caller deletes the consumed tail of ``free`` afterwards,
- *   in one go), lu[slot] = 0, by_slot[slot] =
- *   owner[k0] = owner[k1] = ctx.priv[priv_idx] = held_type(slot, (k0, k1),
- *   ctx, gen), op.err = 0, p.written.append(op), p.keys += (k0, k1).
+ *   (checked byte for byte by tests/unit/test_fastadd.py); with n =
+ *   len(p.written) and ks the key size, the keys are written at
+ *   p.kbuf[n * 2 * ks] and the values at p.vbuf[n * 2 * val_size]; the slot
+ *   is the int object free[len(free) - 1 - used - k] (a list) for the k-th
+ *   op handled (the caller deletes the consumed tail of ``free``
+ *   afterwards, in one go); index.put(slot, (k0, k1)), lu[slot] = 0,
+ *   by_slot[slot] = ctx.priv[priv_idx] = held_type(slot, ctx, gen),
+ *   op.err = 0, p.written.append(op). Nothing per connection is allocated
+ *   but the held_type instance.
  *
  *   KeyIndex(nslots) -> index
  *     the key -> slot index of ctxdp.providers.keyindex (its contract),
@@ -90,7 +93,7 @@
 #define IPPROTO_ICMPV6_ 58
 
 /* Interned attribute names of _Pending, made once at import. */
-static PyObject *s_written, *s_keys, *s_vbuf;
+static PyObject *s_written, *s_kbuf, *s_vbuf;
 static PyObject *zero;
 
 /* The bound classes and the byte offsets of their slots (bind()). Reading a
@@ -100,7 +103,7 @@ static PyTypeObject *op_type, *ctx_type, *dir_type, *held_type;
 static Py_ssize_t off_op_ctx, off_op_err, off_ctx_priv, off_ctx_dirs;
 static Py_ssize_t off_in_ifindex, off_match, off_out, off_out_ifindex, off_src_mac,
 	off_dst_mac, off_mtu;
-static Py_ssize_t off_h_slot, off_h_keys, off_h_ctx, off_h_gen;
+static Py_ssize_t off_h_slot, off_h_ctx, off_h_gen;
 
 #define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
 
@@ -275,8 +278,8 @@ static void dir_val(const struct dir *d, int alen, uint16_t ttl_word, uint32_t s
 	v->slot = slot;
 }
 
-/* The map key of direction ``d`` as a new bytes object. */
-static PyObject *dir_key(const struct dir *d)
+/* The map key of direction ``d`` into ``out`` (KI_KMAX bytes); its length. */
+static uint32_t dir_key_into(const struct dir *d, uint8_t *out)
 {
 	if (d->fam == 4) {
 		struct ct_flow_key4 k;
@@ -287,7 +290,8 @@ static PyObject *dir_key(const struct dir *d)
 		k.sport = htons((uint16_t)d->msp);
 		k.dport = htons((uint16_t)d->mdp);
 		k.proto = (__u8)d->proto;
-		return PyBytes_FromStringAndSize((const char *)&k, sizeof(k));
+		memcpy(out, &k, sizeof(k));
+		return sizeof(k);
 	}
 	struct ct_flow_key k;
 	memset(&k, 0, sizeof(k));
@@ -298,8 +302,12 @@ static PyObject *dir_key(const struct dir *d)
 	k.dport = htons((uint16_t)d->mdp);
 	memcpy(k.src, d->msrc, 16);
 	memcpy(k.dst, d->mdst, 16);
-	return PyBytes_FromStringAndSize((const char *)&k, sizeof(k));
+	memcpy(out, &k, sizeof(k));
+	return sizeof(k);
 }
+
+_Static_assert(sizeof(struct ct_flow_key) <= KI_KMAX && sizeof(struct ct_flow_key4) <= KI_KMAX,
+	       "KI_KMAX holds every map key");
 
 /* --- KeyIndex: the key -> slot index (see _keyindex.h) ---------------------- */
 
@@ -566,21 +574,23 @@ static PyTypeObject KeyIndexType = {
 	.tp_as_sequence = &ki_as_seq,
 };
 
+/* --- add_new ------------------------------------------------------------------ */
+
 /* The pending-run state of one family, borrowed from its _Pending. */
 struct pend {
-	PyObject *written, *keys, *vbuf;
+	PyObject *written, *kbuf, *vbuf;
 };
 
 static int pend_of(PyObject *p, struct pend *out)
 {
 	out->written = PyObject_GetAttr(p, s_written);
-	out->keys = PyObject_GetAttr(p, s_keys);
+	out->kbuf = PyObject_GetAttr(p, s_kbuf);
 	out->vbuf = PyObject_GetAttr(p, s_vbuf);
-	if (!out->written || !out->keys || !out->vbuf)
+	if (!out->written || !out->kbuf || !out->vbuf)
 		return -1;
-	if (!PyList_CheckExact(out->written) || !PyList_CheckExact(out->keys) ||
+	if (!PyList_CheckExact(out->written) || !PyByteArray_CheckExact(out->kbuf) ||
 	    !PyByteArray_CheckExact(out->vbuf)) {
-		PyErr_SetString(PyExc_TypeError, "_Pending must hold two lists and a bytearray");
+		PyErr_SetString(PyExc_TypeError, "_Pending must hold a list and two bytearrays");
 		return -1;
 	}
 	return 0;
@@ -589,30 +599,28 @@ static int pend_of(PyObject *p, struct pend *out)
 static void pend_drop(struct pend *p)
 {
 	Py_CLEAR(p->written);
-	Py_CLEAR(p->keys);
+	Py_CLEAR(p->kbuf);
 	Py_CLEAR(p->vbuf);
 }
 
 /* A new held_type instance for a connection (new reference). */
-static PyObject *held_new(PyObject *slot, PyObject *keys, PyObject *ctx, PyObject *gen)
+static PyObject *held_new(PyObject *slot, PyObject *ctx, PyObject *gen)
 {
 	PyObject *h = held_type->tp_alloc(held_type, 0);
 	if (!h)
 		return NULL;
 	put(h, off_h_slot, slot);
-	put(h, off_h_keys, keys);
 	put(h, off_h_ctx, ctx);
 	put(h, off_h_gen, gen);
 	return h;
 }
 
-/* Outcome of one op: 1 handled, 0 left to Python, -1 error. */
-static int one(PyObject *op, struct pend *pends, PyObject *owner, PyObject *free_list,
+/* Outcome of one op: 1 handled, 0 left to Python, -1 error (nothing of the
+ * op changed in either case but 1). */
+static int one(PyObject *op, struct pend *pends, struct keyindex *ki, PyObject *free_list,
 	       Py_ssize_t *nfree, uint64_t *lu, Py_ssize_t lu_len, PyObject *by_slot,
 	       PyObject *gen, Py_ssize_t priv_idx, Py_ssize_t vs, uint16_t ttl_word)
 {
-	PyObject *k0 = NULL, *k1 = NULL, *h = NULL, *pair = NULL;
-	int ret = -1;
 	struct dir d0, d1;
 
 	if (*nfree == 0 || Py_TYPE(op) != op_type)
@@ -634,63 +642,50 @@ static int one(PyObject *op, struct pend *pends, PyObject *owner, PyObject *free
 	 * release: installing a connection allocates no int. */
 	PyObject *slot_obj = PyList_GET_ITEM(free_list, *nfree - 1); /* borrowed */
 	long sv;
-	if (!int_in(slot_obj, 0, UINT32_MAX, &sv) || sv >= lu_len || sv >= PyList_GET_SIZE(by_slot))
+	if (!int_in(slot_obj, 0, UINT32_MAX, &sv) || sv >= lu_len ||
+	    sv >= PyList_GET_SIZE(by_slot) || (uint64_t)sv >= ki->nslots)
 		return 0;
 	uint32_t slot = (uint32_t)sv;
 	struct pend *p = &pends[d0.fam == 4 ? 0 : 1];
-	Py_ssize_t voff = PyList_GET_SIZE(p->written) * 2 * vs;
-	if (voff + 2 * vs > PyByteArray_GET_SIZE(p->vbuf))
-		return 0; /* the caller sized it for the run: never happens */
-	/* The objects above are owned by op (held by the caller's run list) and
-	 * nothing below runs Python code until the keys are claimed. */
-	if (!(k0 = dir_key(&d0)) || !(k1 = dir_key(&d1)))
-		goto out;
-	if (PyBytes_GET_SIZE(k0) == PyBytes_GET_SIZE(k1) &&
-	    memcmp(PyBytes_AS_STRING(k0), PyBytes_AS_STRING(k1), PyBytes_GET_SIZE(k0)) == 0) {
-		ret = 0;
-		goto out;
+	uint8_t kb[2][KI_KMAX];
+	uint32_t klen = dir_key_into(&d0, kb[0]);
+	dir_key_into(&d1, kb[1]);
+	if (memcmp(kb[0], kb[1], klen) == 0)
+		return 0; /* one key for both directions: Python refuses it */
+	Py_ssize_t n = PyList_GET_SIZE(p->written);
+	Py_ssize_t voff = n * 2 * vs, koff = n * 2 * (Py_ssize_t)klen;
+	if (voff + 2 * vs > PyByteArray_GET_SIZE(p->vbuf) ||
+	    koff + 2 * (Py_ssize_t)klen > PyByteArray_GET_SIZE(p->kbuf))
+		return 0; /* the caller sized both for the run: never happens */
+	uint64_t hs[2] = {key_hash(kb[0], klen), key_hash(kb[1], klen)};
+	if (ki_find(ki, kb[0], klen, hs[0]) >= 0 || ki_find(ki, kb[1], klen, hs[1]) >= 0)
+		return 0; /* a key someone holds: Python decides (claim, EEXIST...) */
+	/* The two steps that can fail come first; after them nothing can. */
+	PyObject *h = held_new(slot_obj, ctx, gen);
+	if (!h)
+		return -1;
+	if (PyList_Append(p->written, op) < 0) {
+		Py_DECREF(h);
+		return -1;
 	}
-	if (!(pair = PyTuple_Pack(2, k0, k1)) || !(h = held_new(slot_obj, pair, ctx, gen)))
-		goto out;
-	/* Claim both keys with one hash each; back out on a clash. */
-	PyObject *o0 = PyDict_SetDefault(owner, k0, h);
-	if (!o0)
-		goto out;
-	if (o0 != h) {
-		ret = 0;
-		goto out;
-	}
-	PyObject *o1 = PyDict_SetDefault(owner, k1, h);
-	if (!o1 || o1 != h) {
-		if (PyDict_DelItem(owner, k0) < 0)
-			goto out;
-		ret = o1 ? 0 : -1;
-		goto out;
-	}
-	/* From here on the op is ours: nothing below backs out. */
+	const uint8_t *kp[2] = {kb[0], kb[1]};
+	slot_set(ki, slot, 2, klen, kp, hs);
+	char *kdst = PyByteArray_AS_STRING(p->kbuf) + koff;
+	memcpy(kdst, kb[0], klen);
+	memcpy(kdst + klen, kb[1], klen);
 	char *vb = PyByteArray_AS_STRING(p->vbuf) + voff;
 	memset(vb, 0, 2 * vs);
 	int alen = d0.fam == 4 ? 4 : 16;
 	dir_val(&d0, alen, ttl_word, slot, (struct ct_flow_val *)vb);
 	dir_val(&d1, alen, ttl_word, slot, (struct ct_flow_val *)(vb + vs));
 	lu[slot] = 0; /* a new connection was never seen */
+	/* In range (checked above), so these two cannot fail; each steals. */
 	Py_INCREF(h);
-	if (PyList_SetItem(by_slot, slot, h) < 0)
-		goto out;
-	Py_INCREF(h);
-	if (PyList_SetItem(priv, priv_idx, h) < 0 ||
-	    PyList_Append(p->written, op) < 0 || PyList_Append(p->keys, k0) < 0 ||
-	    PyList_Append(p->keys, k1) < 0)
-		goto out;
+	PyList_SetItem(by_slot, slot, h);
+	PyList_SetItem(priv, priv_idx, h);
 	put(op, off_op_err, zero);
 	(*nfree)--;
-	ret = 1;
-out:
-	Py_XDECREF(k0);
-	Py_XDECREF(k1);
-	Py_XDECREF(pair);
-	Py_XDECREF(h);
-	return ret;
+	return 1;
 }
 
 static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -704,7 +699,7 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 		PyErr_SetString(PyExc_RuntimeError, "add_new: bind() first");
 		return NULL;
 	}
-	PyObject *run = args[0], *owner = args[5], *by_slot = args[9];
+	PyObject *run = args[0], *index = args[5], *by_slot = args[9];
 	PyObject *gen = args[10];
 	Py_ssize_t i = PyLong_AsSsize_t(args[1]), stop = PyLong_AsSsize_t(args[2]);
 	Py_ssize_t priv_idx = PyLong_AsSsize_t(args[11]);
@@ -712,10 +707,10 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 	if (PyErr_Occurred())
 		return NULL;
 	PyObject *free_list = args[6];
-	if (!PyList_CheckExact(run) || !PyDict_CheckExact(owner) || !PyList_CheckExact(by_slot) ||
-	    !PyList_CheckExact(free_list)) {
+	if (!PyList_CheckExact(run) || Py_TYPE(index) != &KeyIndexType ||
+	    !PyList_CheckExact(by_slot) || !PyList_CheckExact(free_list)) {
 		PyErr_SetString(PyExc_TypeError,
-				"add_new: run/free/by_slot must be lists, owner a dict");
+				"add_new: run/free/by_slot must be lists, index a KeyIndex");
 		return NULL;
 	}
 	if (vs < (Py_ssize_t)offsetof(struct ct_flow_val, cnt) || stop > PyList_GET_SIZE(run) ||
@@ -740,10 +735,10 @@ static PyObject *add_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 	}
 	uint16_t ttl_word; /* the TTL/protocol word drops by bytes [1, 0] */
 	memcpy(&ttl_word, "\x01\x00", 2);
+	struct keyindex *ki = &((KeyIndex *)index)->ki;
 	for (; i < stop; i++) {
-		int r = one(PyList_GET_ITEM(run, i), pends, owner, free_list,
-			    &nfree, (uint64_t *)lb.buf, lb.len / 8, by_slot, gen, priv_idx, vs,
-			    ttl_word);
+		int r = one(PyList_GET_ITEM(run, i), pends, ki, free_list, &nfree,
+			    (uint64_t *)lb.buf, lb.len / 8, by_slot, gen, priv_idx, vs, ttl_word);
 		if (r < 0)
 			goto out;
 		if (r == 0)
@@ -790,8 +785,7 @@ static PyObject *bind_types(PyObject *self, PyObject *args)
 		{&off_out, 2, "out"},             {&off_out_ifindex, 2, "out_ifindex"},
 		{&off_src_mac, 2, "src_mac"},     {&off_dst_mac, 2, "dst_mac"},
 		{&off_mtu, 2, "mtu"},             {&off_h_slot, 3, "slot"},
-		{&off_h_keys, 3, "keys"},         {&off_h_ctx, 3, "ctx"},
-		{&off_h_gen, 3, "gen"},
+		{&off_h_ctx, 3, "ctx"},           {&off_h_gen, 3, "gen"},
 	};
 	for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++)
 		if ((*fields[i].off = slot_offset(t[fields[i].type], fields[i].name)) < 0)
@@ -1119,7 +1113,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__fastadd(void)
 {
 	if (!(s_written = PyUnicode_InternFromString("written")) ||
-	    !(s_keys = PyUnicode_InternFromString("keys")) ||
+	    !(s_kbuf = PyUnicode_InternFromString("kbuf")) ||
 	    !(s_vbuf = PyUnicode_InternFromString("vbuf")) || !(zero = PyLong_FromLong(0)))
 		return NULL;
 	if (PyType_Ready(&WriterType) < 0 || PyType_Ready(&KeyIndexType) < 0)

@@ -19,7 +19,9 @@ Contract (see ``ctxdp.providers.base`` for the hook semantics):
   ``xdp_layout.cflags()`` (per-CPU counter slots sized for this machine).
 - Slots: every held connection owns one slot in ``[0, max_conns)``, shared by
   its two direction entries (``val.slot``) and indexing ``ct_last_used``.
-  The key -> owner index guarantees that no two connections own one key.
+  The key index (``ctxdp.providers.keyindex``: key -> slot, and each slot's
+  keys) guarantees that no two connections own one key; it takes its memory
+  for ``max_conns`` slots at start.
 - ``conn_add``: EAGAIN unless both directions are resolved; EEXIST if another
   connection owns one of its keys; ENOSPC when no slot is free or the kernel
   says the map is full (counted; a half-written pair is rolled back); EINVAL
@@ -98,6 +100,7 @@ from ctxdp.providers.base import (
     Provider,
     ProviderError,
 )
+from ctxdp.providers.keyindex import KeyIndex
 
 try:  # the compiled common case of _add_run (ctxdp/providers/_fastadd.c)
     from ctxdp.providers import _fastadd as _FASTADD
@@ -155,18 +158,16 @@ _DUP = object()  # _prepare_special: the connection is already in this run
 
 
 class _Held:
-    """One connection's footprint in the map: its slot, the keys written, its
-    ctx (None for an orphan adopted from a previous run) and the ADD run
-    (``gen``) that last wrote it. ``_fastadd`` makes them without calling
-    ``__init__`` (it sets the four slots): keep ``__init__`` to that."""
+    """One connection's footprint in the map: its slot (whose keys the key
+    index holds), its ctx (None for an orphan adopted from a previous run)
+    and the ADD run (``gen``) that last wrote it. ``_fastadd`` makes them
+    without calling ``__init__`` (it sets the three slots): keep
+    ``__init__`` to that."""
 
-    __slots__ = ("slot", "keys", "ctx", "gen")
+    __slots__ = ("slot", "ctx", "gen")
 
-    def __init__(
-        self, slot: int, keys: tuple[Key, ...], ctx: OffloadCtx | None, gen: int = 0
-    ) -> None:
+    def __init__(self, slot: int, ctx: OffloadCtx | None, gen: int = 0) -> None:
         self.slot = slot
-        self.keys = keys
         self.ctx = ctx
         self.gen = gen
 
@@ -196,17 +197,17 @@ class _Job:
 
 
 class _Pending:
-    """One family's share of an ADD run: ops in buffer order (op i owns keys
-    2i and 2i+1 and the values at ``vbuf[i * 2 * VAL_SIZE:]``), keys a
-    rewrite or claim replaces (by op index), and the writes under way
-    (futures or failure lists)."""
+    """One family's share of an ADD run: ops in buffer order (op i owns the
+    keys at ``kbuf[i * 2 * key size:]`` and the values at
+    ``vbuf[i * 2 * VAL_SIZE:]``), keys a rewrite or claim replaces (by op
+    index), and the writes under way (futures or failure lists)."""
 
-    __slots__ = ("fam", "written", "keys", "vbuf", "olds", "pushes", "pushed")
+    __slots__ = ("fam", "written", "kbuf", "vbuf", "olds", "pushes", "pushed")
 
-    def __init__(self, fam: int, vbuf: bytearray) -> None:
+    def __init__(self, fam: int, kbuf: bytearray, vbuf: bytearray) -> None:
         self.fam = fam
         self.written: list[Op] = []
-        self.keys: list[Key] = []
+        self.kbuf = kbuf
         self.vbuf = vbuf
         self.olds: dict[int, tuple] = {}
         self.pushes: list[Any] = []
@@ -302,8 +303,10 @@ class XdpProvider(Provider):
         # its entries already added to the conn (fold_counters); dropped when
         # the slot is freed, so absent = nothing folded yet.
         self._folded: dict[int, tuple[int, int, int, int]] = {}
-        self._owner: dict[bytes, _Held] = {}
-        self._vbufs = {4: bytearray(), 6: bytearray()}  # ADD runs' value buffers
+        self._idx: Any = None  # KeyIndex for max_conns slots, made at start
+        # ADD runs' key and value buffers, per family (grown, never shrunk)
+        self._kbufs = {4: bytearray(), 6: bytearray()}
+        self._vbufs = {4: bytearray(), 6: bytearray()}
         self._by_slot: list[_Held | None] = []
         # Free slots, as int objects made once at start and handed back on
         # release: a connection's slot then costs no allocation on install.
@@ -541,6 +544,11 @@ class XdpProvider(Provider):
         self._folded = {}
         self._by_slot = [None] * self.max_conns
         self._free = list(range(self.max_conns - 1, -1, -1))
+        try:
+            self._idx = KeyIndex(self.max_conns)
+        except OSError as exc:
+            msg = f"key index for {self.max_conns} slots: {exc}"
+            raise ProviderError(_errno_of(exc), msg) from exc
 
     def _release(self) -> None:
         if self._pool is not None:
@@ -563,10 +571,10 @@ class XdpProvider(Provider):
         self._bpf = self._fn = None
         self._flows = {}
         self._stats_fd = self._tx_fd = -1
-        for h in self._owner.values():
-            if h.ctx is not None:
+        for h in self._by_slot:
+            if h is not None and h.ctx is not None:
                 h.ctx.priv[_PRIV] = None
-        self._owner.clear()
+        self._idx = None
         self._by_slot = []
         self._folded = {}
         self._free = []
@@ -671,10 +679,9 @@ class XdpProvider(Provider):
             if len(ks) > 2 or len({len(k) for k in ks}) > 1:
                 bad.extend(ks)  # never written by us: not one connection's pair
                 continue
-            h = _Held(s, tuple(ks), None)
-            for k in ks:
-                self._owner[k] = h
-            self._by_slot[s] = h
+            # Distinct (a map's keys are) and of one length (checked above).
+            self._idx.put(s, ks)
+            self._by_slot[s] = _Held(s, None)
             used.add(s)
         self._n_orphans = len(used)
         if bad:
@@ -741,9 +748,9 @@ class XdpProvider(Provider):
 
     def reap_orphans(self) -> int:
         """Delete adopted entries no conn_add claimed; returns connections reaped."""
-        orphans = list({id(h): h for h in self._owner.values() if h.ctx is None}.values())
+        orphans = [h for h in self._by_slot if h is not None and h.ctx is None]
         try:
-            self._delete([k for h in orphans for k in h.keys])
+            self._delete([k for h in orphans for k in self._idx.keys(h.slot)])
         except OSError as exc:
             raise ProviderError(_errno_of(exc), f"reaping orphans: {exc}") from exc
         for h in orphans:
@@ -753,12 +760,19 @@ class XdpProvider(Provider):
 
     # --- slot / index bookkeeping ----------------------------------------------------
 
+    def _owner_of(self, k: Key) -> _Held | None:
+        """The holder of map key ``k``, or None."""
+        ref = self._idx.find(k)
+        return None if ref < 0 else self._by_slot[ref >> 1]
+
+    def _keys(self, h: _Held) -> tuple[Key, ...]:
+        """The map keys ``h`` holds (dir order)."""
+        return self._idx.keys(h.slot)
+
     def _forget(self, h: _Held) -> None:
         """Drop ``h`` from every index and free its slot (no kernel call)."""
-        for k in h.keys:
-            if self._owner.get(k) is h:
-                del self._owner[k]
         if self._by_slot and self._by_slot[h.slot] is h:
+            self._idx.drop(h.slot)
             self._by_slot[h.slot] = None
             self._free.append(h.slot)
             self._folded.pop(h.slot, None)
@@ -771,7 +785,7 @@ class XdpProvider(Provider):
 
     def _reap(self, o: _Held) -> None:
         """Remove an orphan now (its keys collide with a new connection's)."""
-        self._delete(list(o.keys))
+        self._delete(list(self._keys(o)))
         self._forget(o)
         self._c["orphans_reaped"] += 1
 
@@ -796,23 +810,17 @@ class XdpProvider(Provider):
                 claim = o
             elif o is not claim:
                 self._reap(o)
+        idx = self._idx
         if held is not None:  # rewrite in place: same slot, last-used kept
-            old = held.keys
-            for k in old:
-                if self._owner.get(k) is held:
-                    del self._owner[k]
-            held.keys = (k0, k1)
-            self._owner[k0] = self._owner[k1] = held
+            old = idx.keys(held.slot)
+            idx.put(held.slot, (k0, k1))
             held.gen = self._gen
             self._c["rewrites"] += 1
             return held, old
         if claim is not None:  # an orphan of the previous run becomes ctx
-            for k in claim.keys:
-                if self._owner.get(k) is claim:
-                    del self._owner[k]
             self._n_orphans -= 1
             self._c["claimed"] += 1
-            old = claim.keys
+            old = idx.keys(claim.slot)
             slot = claim.slot
         else:
             if not self._free:
@@ -821,8 +829,8 @@ class XdpProvider(Provider):
             old = ()
             slot = self._free.pop()
             self._lu[slot] = 0  # type: ignore[index]
-        h = _Held(slot, (k0, k1), ctx, self._gen)
-        self._owner[k0] = self._owner[k1] = h
+        h = _Held(slot, ctx, self._gen)
+        idx.put(slot, (k0, k1))  # the claimed orphan's keys are released here
         self._by_slot[slot] = h
         ctx.priv[_PRIV] = h
         self._n_held += 1
@@ -926,9 +934,11 @@ class XdpProvider(Provider):
             return cur
         for h in hs:
             cur[h.slot] = [0, 0, 0, 0]
+        keys_of = self._idx.keys
         for fam, fd in self._flows.items():
             ks = _KS[fam]
-            sel = [(h.slot, d, k) for h in hs for d, k in enumerate(h.keys[:2]) if len(k) == ks]
+            sel = [(h.slot, d, k) for h in hs for d, k in enumerate(keys_of(h.slot))
+                   if len(k) == ks]
             if not sel:
                 continue
             vals, found = bpfsys.map_lookup_many(
@@ -999,7 +1009,7 @@ class XdpProvider(Provider):
             self._flush_map()
         except OSError as exc:
             return _errno_of(exc)
-        for h in list({id(h): h for h in self._owner.values()}.values()):
+        for h in [h for h in self._by_slot if h is not None]:
             self._forget(h)
         self._c["flushes"] += 1
         return 0
@@ -1117,8 +1127,8 @@ class XdpProvider(Provider):
         """
         self._gen += 1
         gen = self._gen
-        owner, free, lu, by_slot = self._owner, self._free, self._lu, self._by_slot
-        setdefault = owner.setdefault
+        idx, free, lu, by_slot = self._idx, self._free, self._lu, self._by_slot
+        find, put, owner_of = idx.find, idx.put, self._owner_of
         entries = L.conn_entries_into
         special = self._prepare_special
         fast = _FASTADD.add_new if _FASTADD is not None and self.compiled_add else None
@@ -1134,7 +1144,10 @@ class XdpProvider(Provider):
         for fam, buf in self._vbufs.items():  # grown, never shrunk: no refill per run
             if len(buf) < vs2 * len(run):
                 self._vbufs[fam] = bytearray(vs2 * len(run))
-        p4, p6 = _Pending(4, self._vbufs[4]), _Pending(6, self._vbufs[6])
+            if len(self._kbufs[fam]) < 2 * _KS[fam] * len(run):
+                self._kbufs[fam] = bytearray(2 * _KS[fam] * len(run))
+        p4 = _Pending(4, self._kbufs[4], self._vbufs[4])
+        p6 = _Pending(6, self._kbufs[6], self._vbufs[6])
         dups: list[tuple[Op, Op]] = []
         counts = [0, 0]  # new connections, EAGAIN
         EAGAIN, PRIV, KS4 = errno.EAGAIN, _PRIV, L.KEY4_SIZE  # noqa: N806 - hoisted constants
@@ -1178,21 +1191,16 @@ class XdpProvider(Provider):
             held = ctx.priv[PRIV]  # type: ignore[union-attr]
             h = None
             if held is None and free:
-                # Claim both keys with one hash each; back out on a clash.
-                h = _Held(slot, (k0, k1), ctx, gen)
-                o0 = setdefault(k0, h)
-                if o0 is h:
-                    o1 = setdefault(k1, h)
-                    if o1 is not h or k0 == k1:
-                        del owner[k0]  # back out: k0 was free before
-                        o0 = None
-                        h = None
+                r0, r1 = find(k0), find(k1)
+                if r0 < 0 and r1 < 0 and k0 != k1:  # the common case
+                    h = _Held(slot, ctx, gen)
+                    put(slot, (k0, k1))
                 else:
-                    o1 = owner.get(k1)
-                    h = None
+                    o0 = by_slot[r0 >> 1] if r0 >= 0 else None
+                    o1 = by_slot[r1 >> 1] if r1 >= 0 else None
             else:
-                o0 = owner.get(k0)
-                o1 = owner.get(k1)
+                o0 = owner_of(k0)
+                o1 = owner_of(k1)
             if h is not None:
                 free.pop()
                 lu[slot] = 0  # type: ignore[index]  # a new connection was never seen
@@ -1216,8 +1224,9 @@ class XdpProvider(Provider):
                 if h.slot != slot:  # rewrite or claim: repack with the real slot
                     entries(p.vbuf, voff, d0, d1, h.slot)
             op.err = 0
+            koff = len(p.written) * 2 * len(k0)
+            p.kbuf[koff : koff + 2 * len(k0)] = k0 + k1
             p.written.append(op)
-            p.keys += (k0, k1)
             return p
 
         def pipeline(p: _Pending) -> None:
@@ -1230,7 +1239,7 @@ class XdpProvider(Provider):
         while i < n:
             if fast is not None:
                 stop = min(n, i + chunk) if chunk else n
-                j, k = fast(run, i, stop, p4, p6, owner, free, 0, lu, by_slot, gen, PRIV, _VS)
+                j, k = fast(run, i, stop, p4, p6, idx, free, 0, lu, by_slot, gen, PRIV, _VS)
                 if k:
                     del free[len(free) - k :]
                     counts[0] += k
@@ -1270,7 +1279,8 @@ class XdpProvider(Provider):
                 self._writer = _FASTADD.Writer()
             if len(self._inflight) >= 200:  # the writer keeps at most 256 jobs
                 self._inflight.pop(0).result()
-            kbuf = b"".join(p.keys[2 * lo : 2 * hi])
+            ks = _KS[p.fam]
+            kbuf = memoryview(p.kbuf)[2 * ks * lo : 2 * ks * hi]
             vbuf = memoryview(p.vbuf)[2 * _VS * lo : 2 * _VS * hi]
             job = _Job(self, p, lo, hi, self._writer.submit(self._flows[p.fam], kbuf, vbuf,
                                                             2 * (hi - lo)))
@@ -1288,7 +1298,8 @@ class XdpProvider(Provider):
         in). Touches only the kernel and ``p``'s [lo, hi) range (which the
         caller no longer changes), so it may run in the helper thread.
         """
-        kbuf = b"".join(p.keys[2 * lo : 2 * hi])
+        ks = _KS[p.fam]
+        kbuf = memoryview(p.kbuf)[2 * ks * lo : 2 * ks * hi]
         vbuf = memoryview(p.vbuf)[2 * _VS * lo : 2 * _VS * hi]
         need = 2 * (hi - lo)  # entries of the joined buffers
         failed: list[tuple[int, int, bool]] = []
@@ -1324,7 +1335,7 @@ class XdpProvider(Provider):
             self._c["rollbacks"] += wrote_first
         stale: list[Key] = []
         for idx, old in olds.items():
-            keys = written[idx].ctx.priv[_PRIV].keys  # type: ignore[union-attr]
+            keys = self._keys(written[idx].ctx.priv[_PRIV])  # type: ignore[union-attr]
             stale.extend(k for k in old if k not in keys)
         if stale:  # keys a rewrite or claim no longer uses
             try:
@@ -1337,7 +1348,7 @@ class XdpProvider(Provider):
         if old or wrote_first:
             # A new entry 0 may be in, or an old pair half rewritten: remove
             # every key of the connection rather than leave a mix.
-            keys = set(h.keys) | set(old)
+            keys = set(self._keys(h)) | set(old)
             try:
                 self._delete(list(keys))
             except OSError as exc:
@@ -1377,7 +1388,7 @@ class XdpProvider(Provider):
                 self._c["del_unknown"] += 1
                 continue
             op.err = 0
-            keys.extend(h.keys)
+            keys.extend(self._keys(h))
             hs.append(h)
         if not hs:
             return
@@ -1417,12 +1428,8 @@ class XdpProvider(Provider):
         h = self._by_slot[slot] if slot < self.max_conns else None
         if h is None:
             return None, -1
-        k = bytes(keys[i * ks : (i + 1) * ks])
-        if k == h.keys[0]:
-            return h, 0
-        if len(h.keys) > 1 and k == h.keys[1]:
-            return h, 1
-        return None, -1
+        d = self._idx.dir_of(slot, keys, i * ks, ks)
+        return (h, d) if d >= 0 else (None, -1)
 
     def teardown_flagged(self) -> list[OffloadCtx]:
         """Held connections whose entry the program flagged CT_F_TEARDOWN
@@ -1444,7 +1451,7 @@ class XdpProvider(Provider):
                     out[id(h.ctx)] = h.ctx
         for h in orphans.values():
             try:
-                self._delete(list(h.keys))
+                self._delete(list(self._keys(h)))
             except OSError:
                 continue
             self._forget(h)
@@ -1482,9 +1489,10 @@ class XdpProvider(Provider):
                         k = bytes(keys[i * ks : (i + 1) * ks])
                         ifindex, t = L.unpack_flow_key(k)
                         v = L.unpack_val(vals, i * _VS)
-                        h = self._owner.get(k)
+                        ref = self._idx.find(k)
+                        h = self._by_slot[ref >> 1] if ref >= 0 else None
                         ctx = h.ctx if h is not None else None
-                        d = -1 if h is None or ctx is None else h.keys.index(k)
+                        d = -1 if h is None or ctx is None else ref & 1
                         rows.append(FlowRow(ifindex, t, v, ctx, d))
         except OSError as exc:
             raise ProviderError(_errno_of(exc), f"reading the flow maps: {exc}") from exc

@@ -28,8 +28,18 @@ import pytest
 
 from ctxdp import bpfsys
 from ctxdp.conntrack.flowtuple import FlowTuple
+from ctxdp.providers import xdp as xdp_mod
 from ctxdp.providers import xdp_layout as L
-from ctxdp.providers.base import Batch, FlowDir, OffloadCtx, Op, OpKind, ProviderError
+from ctxdp.providers.base import (
+    PRIV_XDP,
+    Batch,
+    FlowDir,
+    OffloadCtx,
+    Op,
+    OpKind,
+    ProviderError,
+)
+from ctxdp.providers.keyindex import PyKeyIndex
 from ctxdp.providers.xdp import XdpProvider
 from tests.privileged import require_bcc, require_root
 
@@ -100,9 +110,12 @@ def xports():
 @pytest.fixture(scope="module", autouse=True, params=["compiled-add", "python-add"])
 def add_path(request):
     """Every test runs twice: ADD runs through the compiled common case
-    (ctxdp/providers/_fastadd.c) and through the Python definition alone."""
+    (ctxdp/providers/_fastadd.c) and through the Python definition alone,
+    with the Python key index too (what runs without the extension)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(XdpProvider, "compiled_add", request.param == "compiled-add")
+        if request.param == "python-add":
+            mp.setattr(xdp_mod, "KeyIndex", PyKeyIndex)
         yield request.param
 
 
@@ -774,6 +787,8 @@ def test_long_runs_are_pipelined_and_land_whole(make, xports, add_path):
     assert map_len(p) == 1200 and p.stats()["conns"] == 600
     assert sorted(p.slot_of(c) for c in ctxs) == list(range(600))
     assert (p._writer is not None) == (add_path == "compiled-add")
+    assert (type(p._idx) is PyKeyIndex) == (add_path == "python-add")
+    assert all(p._idx.find(k) >= 0 for c in ctxs for k in p._keys(c.priv[PRIV_XDP]))
 
 
 def test_restart_in_another_mode_replaces_the_kept_program(make, xports):

@@ -24,6 +24,7 @@ from ctxdp import bpfsys
 from ctxdp.conntrack.flowtuple import FlowTuple
 from ctxdp.providers import xdp_layout as L
 from ctxdp.providers.base import FlowDir, OffloadCtx, Op, OpKind
+from ctxdp.providers.keyindex import KeyIndex
 from ctxdp.providers.xdp import _FASTADD, _PRIV, _Held, _Pending
 from tests.privileged import require_root
 
@@ -43,9 +44,9 @@ class State:
     """The XdpProvider state add_new works on, for ``n`` slots."""
 
     def __init__(self, n: int, run_len: int) -> None:
-        self.p4 = _Pending(4, bytearray(2 * VS * run_len))
-        self.p6 = _Pending(6, bytearray(2 * VS * run_len))
-        self.owner: dict[bytes, _Held] = {}
+        self.p4 = _Pending(4, bytearray(2 * L.KEY4_SIZE * run_len), bytearray(2 * VS * run_len))
+        self.p6 = _Pending(6, bytearray(2 * L.KEY_SIZE * run_len), bytearray(2 * VS * run_len))
+        self.idx = KeyIndex(n)
         self.free = list(range(n - 1, -1, -1))
         self.lu_buf = bytearray(b"\xff" * 8 * n)  # "stamped": a new slot must be zeroed
         self.lu = memoryview(self.lu_buf).cast("Q")
@@ -53,7 +54,7 @@ class State:
 
     def add(self, ops: list[Op], i: int = 0) -> tuple[int, int]:
         return _FASTADD.add_new(  # type: ignore[union-attr]
-            ops, i, len(ops), self.p4, self.p6, self.owner, self.free, 0, self.lu,
+            ops, i, len(ops), self.p4, self.p6, self.idx, self.free, 0, self.lu,
             self.by_slot, 7, _PRIV, VS,
         )  # fmt: skip
 
@@ -98,15 +99,18 @@ def test_entries_and_indexes_match_the_python_definition():
         p = st.p4 if len(k0) == L.KEY4_SIZE else st.p6
         j = seen[p.fam]
         seen[p.fam] += 1
-        assert p.written[j] is op and p.keys[2 * j : 2 * j + 2] == [k0, k1]
+        ks = len(k0)
+        assert p.written[j] is op and p.kbuf[2 * ks * j : 2 * ks * (j + 1)] == k0 + k1
         assert p.vbuf[2 * VS * j : 2 * VS * (j + 1)] == want, f"values of op {i}"
         h = ctx.priv[_PRIV]
-        assert (h.slot, h.keys, h.ctx, h.gen) == (slot, (k0, k1), ctx, 7)
-        assert st.owner[k0] is h and st.owner[k1] is h and st.by_slot[slot] is h
+        assert type(h) is _Held and (h.slot, h.ctx, h.gen) == (slot, ctx, 7)
+        assert st.idx.keys(slot) == (k0, k1) and st.by_slot[slot] is h
+        assert (st.idx.find(k0), st.idx.find(k1)) == (2 * slot, 2 * slot + 1)
         assert st.lu[slot] == 0 and op.err == 0
     assert (len(st.p4.written), len(st.p6.written)) == (seen[4], seen[6])
     assert len(st.free) == 512  # the caller trims the consumed tail
     assert st.lu[400] == 2**64 - 1  # slots not handed out are left alone
+    assert len(st.idx) == 600 and st.idx.keys(400) == ()
 
 
 def _bad_cases() -> dict[str, object]:
@@ -121,7 +125,7 @@ def _bad_cases() -> dict[str, object]:
 
     def key_owned(c, st):
         k0, k1 = L.conn_entries_into(bytearray(2 * VS), 0, c.dirs[0], c.dirs[1], 0)
-        st.owner[k1] = _Held(99, (k1,), None)
+        st.idx.put(9, (k1,))
 
     def same_key_twice(c, st):
         c.dirs[1] = c.dirs[0]
@@ -163,11 +167,13 @@ def test_stops_at_an_uncommon_op_without_touching_it(case):
     if replaced is not None:
         bad = replaced
     ops = [Op(OpKind.ADD, c, err=-1) for c in (good, bad, after)]
-    owned = dict(st.owner)
+    owned = {s: st.idx.keys(s) for s in range(16)}
     priv = list(bad.priv)
     assert st.add(ops) == (1, 1)
     assert ops[1].err == -1 and bad.priv == priv
-    assert {k: v for k, v in st.owner.items() if k not in good.priv[_PRIV].keys} == owned
+    mine = good.priv[_PRIV].slot
+    assert {s: st.idx.keys(s) for s in range(16) if s != mine} == {
+        s: k for s, k in owned.items() if s != mine}
     assert st.by_slot.count(None) == 15
     assert st.add(ops, 2) == (3, 1)  # and it resumes after it
 
@@ -178,7 +184,7 @@ def test_no_free_slot_handles_nothing():
     st = State(4, 2)
     st.free = []
     assert st.add(ops) == (0, 0)
-    assert [o.err for o in ops] == [-1, -1] and not st.owner
+    assert [o.err for o in ops] == [-1, -1] and len(st.idx) == 0
 
 
 def test_runs_out_of_slots_part_way():
@@ -189,6 +195,7 @@ def test_runs_out_of_slots_part_way():
     pool = list(st.free)
     st.by_slot += [None] * 1000
     st.lu = memoryview(bytearray(8 * 1003)).cast("Q")
+    st.idx = KeyIndex(1003)
     assert st.add(ops) == (3, 3)
     slots = [c.priv[_PRIV].slot for c in (o.ctx for o in ops[:3])]
     assert sorted(slots) == [1000, 1001, 1002]
