@@ -359,6 +359,7 @@ def install_batched(prov: XdpProvider, ctxs: list[OffloadCtx], batch: int) -> fl
 def control(prov: XdpProvider, v: Veths, n_single: int, n_total: int, batch: int) -> dict:
     out: dict[str, tuple] = {}
     assert prov.flush() == 0
+    out["_index_bytes"] = (prov.max_conns, prov.stats()["index_bytes"])
     ctxs = nat_conns(v, n_single)
     gc.disable()
     try:
@@ -498,9 +499,11 @@ def report(dp: dict, cp: dict, a, load_s: float, prov: XdpProvider) -> None:
     if not cp:
         return
     build = cp.pop("_build_s")
+    slots, ibytes = cp.pop("_index_bytes")
     print(
         f"\ncontrol plane (1 connection = 2 map entries; {build[0]} test connections "
-        f"built in {build[1]:.1f} s, not counted)"
+        f"built in {build[1]:.1f} s, not counted; the key index took "
+        f"{ibytes / 2**20:.0f} MiB for {slots} slots at start, in load+attach)"
     )
     print(f"{'operation':<70}{'conns':>9}{'conns/s':>12}{'entries/s':>12}")
     for name, (n, rate) in cp.items():

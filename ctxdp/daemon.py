@@ -741,7 +741,8 @@ class Daemon:
             fast = {"hits": s.get("hit", 0), "misses": s.get("miss", 0), "punts": punts,
                     "redirect_errors": s.get("redirect_err", 0)}
             maps = {"flows_used": s.get("entries", 0), "flows_max": 2 * s.get("capacity_conns", 0),
-                    "conns_used": s.get("conns", 0), "conns_max": s.get("capacity_conns", 0)}
+                    "conns_used": s.get("conns", 0), "conns_max": s.get("capacity_conns", 0),
+                    "key_index_bytes": s.get("index_bytes", 0)}
         ms = self.mgr.stats
         if self._proc is None:
             self._proc = psutil.Process()

@@ -1526,6 +1526,7 @@ class XdpProvider(Provider):
         out["entries"] = 2 * (self._n_held + self._n_orphans)
         out["capacity_conns"] = self.max_conns
         out["free_slots"] = len(self._free)
+        out["index_bytes"] = self._idx.nbytes if self._idx is not None else 0
         out["ports_native"] = sum(1 for m in self.attached.values() if m == "native")
         out["ports_generic"] = sum(1 for m in self.attached.values() if m == "generic")
         return out

@@ -788,6 +788,7 @@ def test_long_runs_are_pipelined_and_land_whole(make, xports, add_path):
     assert sorted(p.slot_of(c) for c in ctxs) == list(range(600))
     assert (p._writer is not None) == (add_path == "compiled-add")
     assert (type(p._idx) is PyKeyIndex) == (add_path == "python-add")
+    assert (p.stats()["index_bytes"] > 0) == (add_path == "compiled-add")  # taken at start
     assert all(p._idx.find(k) >= 0 for c in ctxs for k in p._keys(c.priv[PRIV_XDP]))
 
 

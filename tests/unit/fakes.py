@@ -409,7 +409,7 @@ class FakeXdp:
     def stats(self) -> dict[str, int]:
         out = dict(self.prog_stats)
         out.update(conns=len(self.held), entries=2 * len(self.held),
-                   capacity_conns=self.capacity_conns)
+                   capacity_conns=self.capacity_conns, index_bytes=4096)
         return out
 
 

@@ -513,6 +513,7 @@ def test_stats_sections_and_values(rig):
     assert s["fast_path"]["hits"] == 7 and s["fast_path"]["punts"]["fin_rst"] == 2
     assert s["offload"]["offloaded"] == 1 and s["offload"]["enabled"] is True
     assert s["maps"]["flows_used"] == 2 and s["maps"]["conns_max"] == 1024
+    assert s["maps"]["key_index_bytes"] == 4096
     assert s["conntrack"]["conns"] == 1
     assert s["process"]["rss_bytes"] > 0
 
