@@ -52,8 +52,9 @@ Contract (see ``ctxdp.providers.base`` for the hook semantics):
   went backwards was rewritten and counts from zero). Small sets are read
   one lookup per entry; all of them, or a set of at least 1/4 of the
   entries, in one lookup-batch walk. DEL folds its entries just before the
-  delete batch (same rule for lookups vs a walk), POLICY before and after
-  its rewrite (the value written restarts the counters), FLUSH empties the
+  delete batch (same rule for lookups vs a walk), POLICY just before its
+  rewrite (the value written restarts the counters from zero, and the
+  folded base with them), FLUSH empties the
   maps with BPF_MAP_LOOKUP_AND_DELETE_BATCH and folds what it took out
   (lookup walk + delete batch on kernels without it). Packets forwarded
   between the read and the delete / rewrite (microseconds) are not counted.
@@ -814,6 +815,10 @@ class XdpProvider(Provider):
         if held is not None:  # rewrite in place: same slot, last-used kept
             old = idx.keys(held.slot)
             idx.put(held.slot, (k0, k1))
+            # The value written counts from zero: what was folded before is
+            # no base for it (a base read after the write would drop what
+            # the entry forwarded in between).
+            self._folded.pop(held.slot, None)
             held.gen = self._gen
             self._c["rewrites"] += 1
             return held, old
@@ -1056,23 +1061,15 @@ class XdpProvider(Provider):
 
     def _rewrite(self, run: list[Op]) -> None:
         """POLICY: rewrite held connections in place (an ADD run). The value
-        written restarts the entry's counters, so they are folded just before,
-        and what the entries hold right after becomes the folded base."""
+        written restarts the entry's counters from zero, so they are folded
+        just before, and the rewrite drops the folded base (the next fold
+        adds everything counted since)."""
         hs = [op.ctx.priv[_PRIV] for op in run]  # type: ignore[union-attr]
         try:
             self._fold(hs)
         except OSError as exc:
             log.warning("xdp: folding counters before a rewrite: %s", exc)
         self._add_run(run)
-        for h in hs:
-            self._folded.pop(h.slot, None)
-        ok = [h for op, h in zip(run, hs, strict=True)
-              if not op.err and op.ctx.priv[_PRIV] is h]  # type: ignore[union-attr]
-        try:
-            for slot, row in self._read(ok).items():
-                self._folded[slot] = (row[0], row[1], row[2], row[3])
-        except OSError as exc:
-            log.warning("xdp: reading counters after a rewrite: %s", exc)
 
     def _upd_run(self, run: list[Op]) -> None:
         lu = self._lu

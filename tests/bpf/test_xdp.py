@@ -616,6 +616,29 @@ def test_fold_counters_adds_each_packet_once_across_rewrite_delete_and_flush(
     assert map_lens(prov) == {4: 0, 6: 0}
 
 
+def test_packets_right_after_a_policy_rewrite_are_counted(prov, xports, monkeypatch):
+    """A packet the fast path forwards the moment a POLICY rewrite lands is folded
+    into the conn too: the rewrite restarts the entry at zero, and so its base."""
+    ctx = make_ctx(xports, 0)
+    ctx.conn = SimpleNamespace(pkts=[0, 0], bytes=[0, 0])
+    assert prov.conn_add(ctx) == 0
+    f0 = tcp_frame(ctx.dirs[0])
+    assert run(prov, f0, xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    add_run = prov._add_run
+
+    def add_run_then_traffic(ops):  # the write, then a packet before anything else runs
+        add_run(ops)
+        assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
+
+    monkeypatch.setattr(prov, "_add_run", add_run_then_traffic)
+    ctx.dirs[0] = FlowDir(ctx.dirs[0].in_ifindex, ctx.dirs[0].match, ctx.dirs[0].out,
+                          ctx.dirs[0].out_ifindex, MAC_B, MAC_CLIENT, 1500)
+    pol = Op(OpKind.POLICY, ctx)
+    prov.batch_submit(Batch([pol]))
+    assert pol.err == 0 and ctx.conn.pkts == [1, 0]  # folded before the rewrite
+    assert prov.fold_counters([ctx]) == 1 and ctx.conn.pkts == [2, 0]
+
+
 def test_stat_reads_one_program_counter(prov, xports):
     """stat("punt_fin_rst") moves with a punted RST (the daemon's flag-scan gate)."""
     ctx = make_ctx(xports, 0)
