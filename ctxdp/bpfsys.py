@@ -74,6 +74,7 @@ _BPF_OBJ_PIN = 6
 _BPF_OBJ_GET = 7
 _BPF_PROG_TEST_RUN = 10
 _BPF_OBJ_GET_INFO_BY_FD = 15
+_BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 _BPF_MAP_LOOKUP_BATCH = 24
 _BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 _BPF_MAP_UPDATE_BATCH = 26
@@ -394,12 +395,18 @@ def map_lookup(fd: int, key, value_size: int) -> bytes | None:
     return out.raw
 
 
-def map_lookup_many(fd: int, keys, n: int, key_size: int, value_size: int
-                    ) -> tuple[bytearray, list[bool]]:
+def map_lookup_many(fd: int, keys, n: int, key_size: int, value_size: int, *,
+                    delete: bool = False) -> tuple[bytearray, list[bool]]:
     """Look up ``n`` packed keys: (their values packed in one buffer, found
     flags). The kernel has no batch lookup by key, so this is one
     BPF_MAP_LOOKUP_ELEM per key, but with one attr and one value buffer for
-    all of them: the per-key cost is the syscall, not ctypes set-up."""
+    all of them: the per-key cost is the syscall, not ctypes set-up.
+
+    ``delete``: BPF_MAP_LOOKUP_AND_DELETE_ELEM instead (hash maps, Linux >=
+    5.14): each element is taken out as it is read, so the value returned is
+    its last (nothing can count into it afterwards). A kernel without it
+    refuses the first key with EINVAL or ENOTSUPP, before touching the map;
+    that is raised as OSError."""
     if _SYS_BPF is None:  # pragma: no cover - depends on the machine
         raise OSError(_errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
     kaddr, kk = buffer_address(keys)
@@ -408,7 +415,9 @@ def map_lookup_many(fd: int, keys, n: int, key_size: int, value_size: int
     attr = _ElemAttr()
     attr.map_fd = fd
     found = [True] * n
-    call, nr, cmd = _syscall, _SYS_BPF, _BPF_MAP_LOOKUP_ELEM
+    cmd = _BPF_MAP_LOOKUP_AND_DELETE_ELEM if delete else _BPF_MAP_LOOKUP_ELEM
+    what = "MAP_LOOKUP_AND_DELETE_ELEM" if delete else "MAP_LOOKUP_ELEM"
+    call, nr = _syscall, _SYS_BPF
     aaddr, asize = ctypes.addressof(attr), ctypes.sizeof(attr)
     for i in range(n):
         attr.key = kaddr + i * key_size
@@ -416,7 +425,7 @@ def map_lookup_many(fd: int, keys, n: int, key_size: int, value_size: int
         if call(nr, cmd, aaddr, asize) < 0:
             err = ctypes.get_errno()
             if err != _errno.ENOENT:
-                raise OSError(err, f"bpf(MAP_LOOKUP_ELEM): {os.strerror(err)}")
+                raise OSError(err, f"bpf({what}): {os.strerror(err)}")
             found[i] = False
     del kk, vk
     return vals, found

@@ -52,12 +52,13 @@ Contract (see ``ctxdp.providers.base`` for the hook semantics):
   went backwards was rewritten and counts from zero). Small sets are read
   one lookup per entry; all of them, or a set of at least 1/4 of the
   entries, in one lookup-batch walk. DEL folds its entries just before the
-  delete batch (same rule for lookups vs a walk), POLICY just before its
-  rewrite (the value written restarts the counters from zero, and the
-  folded base with them), FLUSH empties the
+  delete batch (same rule for lookups vs a walk), POLICY takes its entries
+  out with BPF_MAP_LOOKUP_AND_DELETE_ELEM (final counts; packets in the
+  gap take the slow path) before writing them anew (counting from zero,
+  and the folded base with them), FLUSH empties the
   maps with BPF_MAP_LOOKUP_AND_DELETE_BATCH and folds what it took out
   (lookup walk + delete batch on kernels without it). Packets forwarded
-  between the read and the delete / rewrite (microseconds) are not counted.
+  between DEL's read and its delete (microseconds) are not counted.
 - Lifecycle: ``close()`` detaches every port and removes ``pin_dir`` unless
   ``keep=True``: then the program stays attached (XDP attachments made over
   netlink outlive the process) and the maps stay pinned, so traffic keeps
@@ -317,6 +318,7 @@ class XdpProvider(Provider):
         self._has_batch = True
         self._has_del_batch = True
         self._has_lookup_del_batch = True
+        self._has_lookup_del_elem = True
         self._gen = 0
         self._pool: ThreadPoolExecutor | None = None
         self._writer: Any = None  # _fastadd.Writer, made on first use
@@ -922,15 +924,17 @@ class XdpProvider(Provider):
         conns."""
         return self._fold_into(self._read(hs, walk=walk))
 
-    def _read(self, hs: list[_Held], *, walk: bool = False) -> dict[int, list[int]]:
+    def _read(self, hs: list[_Held], *, walk: bool = False,
+              take: bool = False) -> dict[int, list[int]]:
         """slot -> [orig pkts, reply pkts, orig bytes, reply bytes] of the
         entries of ``hs``: lookups, or one walk when they are many (a missing
-        entry counts zero)."""
+        entry counts zero). ``take``: lookups that delete each entry as they
+        read it (never a walk)."""
         cur: dict[int, list[int]] = {}
         if not hs:
             return cur
         n_entries = 2 * (self._n_held + self._n_orphans)
-        if walk or 2 * len(hs) >= self.WALK_SHARE * n_entries:
+        if not take and (walk or 2 * len(hs) >= self.WALK_SHARE * n_entries):
             want = {h.slot for h in hs}
             for keys, ks, _f, slots, pk, by, _n in self._scan_fields():
                 for i, slot in enumerate(slots):
@@ -947,7 +951,7 @@ class XdpProvider(Provider):
             if not sel:
                 continue
             vals, found = bpfsys.map_lookup_many(
-                fd, b"".join(k for _s, _d, k in sel), len(sel), ks, _VS)
+                fd, b"".join(k for _s, _d, k in sel), len(sel), ks, _VS, delete=take)
             _f, _s, pk, by = _val_fields(vals, len(sel))
             for j, (slot, d, _k) in enumerate(sel):
                 if found[j]:
@@ -1060,13 +1064,29 @@ class XdpProvider(Provider):
             i = j
 
     def _rewrite(self, run: list[Op]) -> None:
-        """POLICY: rewrite held connections in place (an ADD run). The value
-        written restarts the entry's counters from zero, so they are folded
-        just before, and the rewrite drops the folded base (the next fold
-        adds everything counted since)."""
+        """POLICY: rewrite held connections (an ADD run). The value written
+        counts from zero, so the entries' counters are folded first, and
+        taken out of the map as they are read (``_read(take=True)``): the
+        counts folded are final, and a packet that arrives before the new
+        entries are in misses and goes to the slow path, which forwards it
+        and counts it. Read-then-overwrite loses what the fast path forwards
+        in between: microseconds, but tens of packets of a full-speed
+        transfer if the daemon is descheduled there. Kernels before 5.14 have no
+        lookup-and-delete: there the counters are read and then overwritten.
+        The rewrite drops the folded base (the next fold adds all since)."""
         hs = [op.ctx.priv[_PRIV] for op in run]  # type: ignore[union-attr]
         try:
-            self._fold(hs)
+            cur = None
+            if self._has_lookup_del_elem:
+                try:
+                    cur = self._read(hs, take=True)
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
+                        raise
+                    self._has_lookup_del_elem = False
+                    log.info("xdp: no BPF_MAP_LOOKUP_AND_DELETE_ELEM, rewrites read then "
+                             "overwrite")
+            self._fold_into(cur if cur is not None else self._read(hs))
         except OSError as exc:
             log.warning("xdp: folding counters before a rewrite: %s", exc)
         self._add_run(run)

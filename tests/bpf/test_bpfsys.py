@@ -121,6 +121,19 @@ def test_lookup_many_packs_values_and_flags_missing_keys(hash_fd):
     assert [V.unpack_from(got, i * 16) for i in range(3)] == [(4, 12), (0, 0), (0, 0)]
 
 
+def test_lookup_many_with_delete_takes_the_elements_out(hash_fd):
+    """lookup_many(delete=True): the same values and flags, and the elements are gone."""
+    keys, vals = _fill(5)
+    bpfsys.map_update_batch(hash_fd, keys, vals, 5)
+    want = b"".join(K.pack(k) for k in (4, 9, 0))
+    got, found = bpfsys.map_lookup_many(hash_fd, want, 3, 8, 16, delete=True)
+    assert found == [True, False, True]
+    assert [V.unpack_from(got, i * 16) for i in range(3)] == [(4, 12), (0, 0), (0, 0)]
+    left = [K.unpack_from(k, i * 8)[0] for k, _v, n in bpfsys.map_lookup_batch(hash_fd, 8, 16)
+            for i in range(n)]
+    assert sorted(left) == [1, 2, 3]
+
+
 def test_delete_batch_skips_missing_keys(hash_fd):
     """delete_batch stops at an absent key, or skips it with ignore_missing."""
     keys, vals = _fill(10)

@@ -639,6 +639,55 @@ def test_packets_right_after_a_policy_rewrite_are_counted(prov, xports, monkeypa
     assert prov.fold_counters([ctx]) == 1 and ctx.conn.pkts == [2, 0]
 
 
+def test_a_policy_rewrite_takes_the_entries_out_before_it_writes(prov, xports, monkeypatch):
+    """The rewrite folds counts taken out with the entries (final), so a packet in
+    the gap misses to the slow path instead of counting into an entry then lost."""
+    ctx = make_ctx(xports, 0)
+    ctx.conn = SimpleNamespace(pkts=[0, 0], bytes=[0, 0])
+    assert prov.conn_add(ctx) == 0
+    assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    read, gap = prov._read, []
+
+    def read_then_traffic(hs, **kw):
+        out = read(hs, **kw)
+        if kw.get("take"):  # between the take and the new entries' write
+            gap.append(run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval)
+        return out
+
+    monkeypatch.setattr(prov, "_read", read_then_traffic)
+    pol = Op(OpKind.POLICY, ctx)
+    prov.batch_submit(Batch([pol]))
+    assert gap == [bpfsys.XDP_PASS]  # a miss: the slow path forwards and counts it
+    assert pol.err == 0 and ctx.conn.pkts == [1, 0] and map_lens(prov)[4] == 2
+    assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    assert prov.fold_counters([ctx]) == 1 and ctx.conn.pkts == [2, 0]
+
+
+def test_policy_rewrite_without_lookup_and_delete(prov, xports, monkeypatch):
+    """A kernel without BPF_MAP_LOOKUP_AND_DELETE_ELEM (EINVAL up front): the rewrite
+    reads the counters, then overwrites, and stops asking."""
+    lookup_many, calls = bpfsys.map_lookup_many, []
+
+    def old_kernel(*a, delete=False, **kw):
+        calls.append(delete)
+        if delete:
+            raise OSError(errno.EINVAL, "bpf(MAP_LOOKUP_AND_DELETE_ELEM): Invalid argument")
+        return lookup_many(*a, **kw)
+
+    monkeypatch.setattr(bpfsys, "map_lookup_many", old_kernel)
+    monkeypatch.setattr(prov, "_has_lookup_del_elem", True)
+    ctx = make_ctx(xports, 0)
+    ctx.conn = SimpleNamespace(pkts=[0, 0], bytes=[0, 0])
+    assert prov.conn_add(ctx) == 0
+    assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    for _ in range(2):
+        pol = Op(OpKind.POLICY, ctx)
+        prov.batch_submit(Batch([pol]))
+        assert pol.err == 0
+    assert calls == [True] and ctx.conn.pkts == [1, 0]  # asked once; then a read (a walk here)
+    assert map_lens(prov)[4] == 2
+
+
 def test_stat_reads_one_program_counter(prov, xports):
     """stat("punt_fin_rst") moves with a punted RST (the daemon's flag-scan gate)."""
     ctx = make_ctx(xports, 0)

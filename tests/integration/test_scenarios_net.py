@@ -25,10 +25,10 @@ def test_neigh_mac_change_rewrites_the_offloaded_flow(running_lab, family: int) 
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "bug: a POLICY rewrite (xdp provider, in-place ADD with BPF_ANY in _add_run) writes "
-    "the whole ct_flow_val, zeroing the entry's packets/bytes, so ctxdp flows goes "
-    "backwards. The conntrack row no longer loses them (the provider folds the entry's "
-    "counters into the connection just before the rewrite); the entry's own counter "
+    "bug: a POLICY rewrite (xdp provider: lookup-and-delete, then a new ADD in "
+    "_add_run) writes a fresh ct_flow_val, so the entry's packets/bytes restart and "
+    "ctxdp flows goes backwards. The conntrack row does not lose them (the provider "
+    "folds the counts it takes out into the connection); the entry's own counter "
     "needs the ADD path to carry them over"))
 def test_neigh_mac_change_keeps_the_flow_counters(running_lab) -> None:
     """The flow entry's packet counter does not go backwards across a neighbour rewrite."""
