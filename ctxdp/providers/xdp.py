@@ -51,14 +51,17 @@ Contract (see ``ctxdp.providers.base`` for the hook semantics):
   ``.bytes`` (the last folded value per slot is kept; an entry whose counter
   went backwards was rewritten and counts from zero). Small sets are read
   one lookup per entry; all of them, or a set of at least 1/4 of the
-  entries, in one lookup-batch walk. DEL folds its entries just before the
-  delete batch (same rule for lookups vs a walk), POLICY takes its entries
-  out with BPF_MAP_LOOKUP_AND_DELETE_ELEM (final counts; packets in the
-  gap take the slow path) before writing them anew (counting from zero,
-  and the folded base with them), FLUSH empties the
-  maps with BPF_MAP_LOOKUP_AND_DELETE_BATCH and folds what it took out
-  (lookup walk + delete batch on kernels without it). Packets forwarded
-  between DEL's read and its delete (microseconds) are not counted.
+  entries, in one lookup-batch walk. DEL takes its entries out with
+  BPF_MAP_LOOKUP_AND_DELETE_ELEM as it reads them (final counts) where it
+  would look them up, else it walks and then deletes in one batch. POLICY
+  takes its entries out the same way (packets in the gap miss and take the
+  slow path) before it writes them anew, counting from zero (and so does
+  the folded base). FLUSH empties the maps with
+  BPF_MAP_LOOKUP_AND_DELETE_BATCH and folds what it took out (lookup walk +
+  delete batch on kernels without it). Where DEL walks, and on kernels
+  before 5.14 (no lookup-and-delete of one element: DEL and POLICY read,
+  then delete or overwrite), packets forwarded between the read and the
+  delete or overwrite (microseconds) are not counted.
 - Lifecycle: ``close()`` detaches every port and removes ``pin_dir`` unless
   ``keep=True``: then the program stays attached (XDP attachments made over
   netlink outlive the process) and the maps stay pinned, so traffic keeps
@@ -924,6 +927,30 @@ class XdpProvider(Provider):
         conns."""
         return self._fold_into(self._read(hs, walk=walk))
 
+    def _take_fold(self, hs: list[_Held]) -> bool:
+        """Take the entries of ``hs`` out of the maps and fold their final
+        counts; False, having done nothing, on a kernel without
+        BPF_MAP_LOOKUP_AND_DELETE_ELEM for hash maps (< 5.14: EINVAL or
+        ENOTSUPP on the first key), which is remembered."""
+        if not self._has_lookup_del_elem:
+            return False
+        try:
+            cur = self._read(hs, take=True)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
+                raise
+            self._has_lookup_del_elem = False
+            log.info("xdp: no BPF_MAP_LOOKUP_AND_DELETE_ELEM: counters are read, then "
+                     "the entries deleted or overwritten")
+            return False
+        self._fold_into(cur)
+        return True
+
+    def _walks(self, hs: list[_Held]) -> bool:
+        """Whether reading the entries of ``hs`` takes one walk of the maps
+        (see WALK_SHARE) rather than a lookup per entry."""
+        return 2 * len(hs) >= self.WALK_SHARE * 2 * (self._n_held + self._n_orphans)
+
     def _read(self, hs: list[_Held], *, walk: bool = False,
               take: bool = False) -> dict[int, list[int]]:
         """slot -> [orig pkts, reply pkts, orig bytes, reply bytes] of the
@@ -933,8 +960,7 @@ class XdpProvider(Provider):
         cur: dict[int, list[int]] = {}
         if not hs:
             return cur
-        n_entries = 2 * (self._n_held + self._n_orphans)
-        if not take and (walk or 2 * len(hs) >= self.WALK_SHARE * n_entries):
+        if not take and (walk or self._walks(hs)):
             want = {h.slot for h in hs}
             for keys, ks, _f, slots, pk, by, _n in self._scan_fields():
                 for i, slot in enumerate(slots):
@@ -1076,17 +1102,8 @@ class XdpProvider(Provider):
         The rewrite drops the folded base (the next fold adds all since)."""
         hs = [op.ctx.priv[_PRIV] for op in run]  # type: ignore[union-attr]
         try:
-            cur = None
-            if self._has_lookup_del_elem:
-                try:
-                    cur = self._read(hs, take=True)
-                except OSError as exc:
-                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
-                        raise
-                    self._has_lookup_del_elem = False
-                    log.info("xdp: no BPF_MAP_LOOKUP_AND_DELETE_ELEM, rewrites read then "
-                             "overwrite")
-            self._fold_into(cur if cur is not None else self._read(hs))
+            if not self._take_fold(hs):
+                self._fold(hs)
         except OSError as exc:
             log.warning("xdp: folding counters before a rewrite: %s", exc)
         self._add_run(run)
@@ -1409,12 +1426,18 @@ class XdpProvider(Provider):
             hs.append(h)
         if not hs:
             return
+        # Few connections: take each entry out as it is read (final counts);
+        # many: one walk, then one delete batch.
+        taken = False
         try:
-            self._fold(hs)
+            taken = not self._walks(hs) and self._take_fold(hs)
+            if not taken:
+                self._fold(hs)
         except OSError as exc:  # the delete decides the op; the counts are lost
             log.warning("xdp: folding counters of %d deleted connections: %s", len(hs), exc)
         try:
-            self._delete(keys)
+            if not taken:
+                self._delete(keys)
         except OSError as exc:
             # Which keys went is unknown: keep them all held so the manager
             # retries the DEL (keys already gone are skipped then).

@@ -663,6 +663,27 @@ def test_a_policy_rewrite_takes_the_entries_out_before_it_writes(prov, xports, m
     assert prov.fold_counters([ctx]) == 1 and ctx.conn.pkts == [2, 0]
 
 
+def test_a_del_takes_the_entries_out_as_it_reads_them(prov, xports, monkeypatch):
+    """A DEL of a few connections folds counts taken out with the entries: the
+    packet right after is a miss, not a count lost in a deleted entry."""
+    monkeypatch.setattr(prov, "WALK_SHARE", 1e9)  # a lookup per entry, not a walk
+    ctx = make_ctx(xports, 0)
+    ctx.conn = SimpleNamespace(pkts=[0, 0], bytes=[0, 0])
+    assert prov.conn_add(ctx) == 0
+    assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    read, gap = prov._read, []
+
+    def read_then_traffic(hs, **kw):
+        out = read(hs, **kw)
+        gap.append((kw.get("take"), run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval))
+        return out
+
+    monkeypatch.setattr(prov, "_read", read_then_traffic)
+    assert prov.conn_del(ctx) == 0
+    assert gap == [(True, bpfsys.XDP_PASS)] and ctx.conn.pkts == [1, 0]
+    assert map_lens(prov) == {4: 0, 6: 0} and prov.slot_of(ctx) is None
+
+
 def test_policy_rewrite_without_lookup_and_delete(prov, xports, monkeypatch):
     """A kernel without BPF_MAP_LOOKUP_AND_DELETE_ELEM (EINVAL up front): the rewrite
     reads the counters, then overwrites, and stops asking."""
