@@ -616,14 +616,20 @@ def test_fold_counters_adds_each_packet_once_across_rewrite_delete_and_flush(
     assert map_lens(prov) == {4: 0, 6: 0}
 
 
-def test_packets_right_after_a_policy_rewrite_are_counted(prov, xports, monkeypatch):
-    """A packet the fast path forwards the moment a POLICY rewrite lands is folded
-    into the conn too: the rewrite restarts the entry at zero, and so its base."""
+def one_packet_in(prov, xports) -> OffloadCtx:
+    """A connection offloaded to ``prov`` (with a conn to fold into) whose
+    orig entry forwarded one packet."""
     ctx = make_ctx(xports, 0)
     ctx.conn = SimpleNamespace(pkts=[0, 0], bytes=[0, 0])
     assert prov.conn_add(ctx) == 0
-    f0 = tcp_frame(ctx.dirs[0])
-    assert run(prov, f0, xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    return ctx
+
+
+def test_packets_right_after_a_policy_rewrite_are_counted(prov, xports, monkeypatch):
+    """A packet the fast path forwards the moment a POLICY rewrite lands is folded
+    into the conn too: the rewrite restarts the entry at zero, and so its base."""
+    ctx = one_packet_in(prov, xports)
     add_run = prov._add_run
 
     def add_run_then_traffic(ops):  # the write, then a packet before anything else runs
@@ -642,10 +648,7 @@ def test_packets_right_after_a_policy_rewrite_are_counted(prov, xports, monkeypa
 def test_a_policy_rewrite_takes_the_entries_out_before_it_writes(prov, xports, monkeypatch):
     """The rewrite folds counts taken out with the entries (final), so a packet in
     the gap misses to the slow path instead of counting into an entry then lost."""
-    ctx = make_ctx(xports, 0)
-    ctx.conn = SimpleNamespace(pkts=[0, 0], bytes=[0, 0])
-    assert prov.conn_add(ctx) == 0
-    assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    ctx = one_packet_in(prov, xports)
     read, gap = prov._read, []
 
     def read_then_traffic(hs, **kw):
@@ -667,10 +670,7 @@ def test_a_del_takes_the_entries_out_as_it_reads_them(prov, xports, monkeypatch)
     """A DEL of a few connections folds counts taken out with the entries: the
     packet right after is a miss, not a count lost in a deleted entry."""
     monkeypatch.setattr(prov, "WALK_SHARE", 1e9)  # a lookup per entry, not a walk
-    ctx = make_ctx(xports, 0)
-    ctx.conn = SimpleNamespace(pkts=[0, 0], bytes=[0, 0])
-    assert prov.conn_add(ctx) == 0
-    assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    ctx = one_packet_in(prov, xports)
     read, gap = prov._read, []
 
     def read_then_traffic(hs, **kw):
@@ -697,10 +697,7 @@ def test_policy_rewrite_without_lookup_and_delete(prov, xports, monkeypatch):
 
     monkeypatch.setattr(bpfsys, "map_lookup_many", old_kernel)
     monkeypatch.setattr(prov, "_has_lookup_del_elem", True)
-    ctx = make_ctx(xports, 0)
-    ctx.conn = SimpleNamespace(pkts=[0, 0], bytes=[0, 0])
-    assert prov.conn_add(ctx) == 0
-    assert run(prov, tcp_frame(ctx.dirs[0]), xports.a_idx).retval == bpfsys.XDP_REDIRECT
+    ctx = one_packet_in(prov, xports)
     for _ in range(2):
         pol = Op(OpKind.POLICY, ctx)
         prov.batch_submit(Batch([pol]))
