@@ -1413,7 +1413,6 @@ class XdpProvider(Provider):
         return count
 
     def _del_run(self, run: list[Op]) -> None:
-        keys: list[Key] = []
         hs: list[_Held] = []
         for op in run:
             h = op.ctx.priv[_PRIV]  # type: ignore[union-attr]
@@ -1422,7 +1421,6 @@ class XdpProvider(Provider):
                 self._c["del_unknown"] += 1
                 continue
             op.err = 0
-            keys.extend(self._keys(h))
             hs.append(h)
         if not hs:
             return
@@ -1436,8 +1434,8 @@ class XdpProvider(Provider):
         except OSError as exc:  # the delete decides the op; the counts are lost
             log.warning("xdp: folding counters of %d deleted connections: %s", len(hs), exc)
         try:
-            if not taken:
-                self._delete(keys)
+            if not taken:  # the take deleted what it read
+                self._delete([k for h in hs for k in self._keys(h)])
         except OSError as exc:
             # Which keys went is unknown: keep them all held so the manager
             # retries the DEL (keys already gone are skipped then).
